@@ -1,0 +1,81 @@
+"""Checkpoints: save atomically, load safely (weights_only=True), find the newest, build a model from one.
+
+A checkpoint is a dict of tensors and plain Python values only, so torch.load(weights_only=True) can read it
+and a checkpoint can never run code. Training, evaluation and sampling all load models through load_model.
+"""
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from fileio import atomic_path
+from model import GPT, GPTConfig
+
+CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupt or not one of ours."""
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"ckpt_{step:06d}.pt"
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write state with torch.save; the file appears complete or not at all."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or holds more than tensors and plain "
+                              f"values ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (expected a dict with 'model' and "
+                              f"'config' entries)")
+    return state
+
+
+def find_latest(out_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in out_dir, or None. Temporary files never match."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """A GPT from a training checkpoint (.pt file, or a run directory: its newest checkpoint), or OpenAI GPT-2
+    weights (a hub name such as gpt2-xl, or a directory written by save_pretrained).
+    Returns (model in eval mode on device, the checkpoint's metadata: step, config; empty for HF weights)."""
+    source_path = Path(source)
+    if source_path.is_dir() and not (source_path / "config.json").is_file():
+        latest = find_latest(source_path)
+        if latest is None:
+            raise CheckpointError(f"no ckpt_*.pt checkpoints in {source_path}")
+        source_path = latest
+    if source_path.is_file():
+        state = load_checkpoint(source_path)
+        model = GPT(GPTConfig(**state["config"]["model"]))
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {source_path} does not match its own model config: {e}") from None
+        meta = {k: v for k, v in state.items() if k in ("step", "config")}
+    elif source_path.suffix == ".pt":
+        raise CheckpointError(f"checkpoint {source_path} does not exist")
+    else:
+        model, meta = GPT.from_pretrained(str(source)), {}
+    return model.to(device).eval(), meta

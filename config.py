@@ -1,0 +1,233 @@
+"""Typed training configuration: dataclasses, loaded from a TOML file, then overridden by --section.key=value.
+
+    python train_gpt2.py --config configs/gpt2-124M.toml --optim.lr=3e-4 --train.max_steps 100
+
+Every key lives in one section ([model], [data], [optim], [train]); an unknown key or a value of the wrong
+type stops with an error that names it and lists what is valid.
+"""
+
+import dataclasses
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model import GPTConfig
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/fineweb-edu-sample-10BT"  # holds *_train_*.bin and *_val_*.bin shards
+    demo: bool = False  # dir is the demo corpus: build it (offline, in seconds) if it is missing
+    seq_len: int = 1024  # tokens per sequence, at most model.block_size
+    micro_batch_size: int = 64  # sequences per forward/backward on one device
+    total_batch_tokens: int = 524288  # tokens per optimizer step over all devices; 2**19 ~ 0.5M (GPT-3 125M)
+    shuffle: bool = True  # permute shards and documents every epoch (validation is never shuffled)
+    seed: int = 1337
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate, reached after warmup
+    min_lr: float = 6e-5  # cosine decay ends here, 10% of peak
+    warmup_steps: int = 715  # 375M tokens at 2**19 tokens/step
+    weight_decay: float = 0.1  # on 2-D parameters (matrices, embeddings) only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 19073  # ~10B tokens at 2**19 tokens/step
+    out_dir: str = "runs/gpt2-124M"  # metrics.jsonl and checkpoints go here
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 where supported), bfloat16 or float32
+    compile: str = "auto"  # torch.compile: auto (on for CUDA), true or false
+    seed: int = 1337
+    log_interval: int = 1
+    eval_interval: int = 250  # validation loss every N steps and at the last step; 0 disables
+    val_steps: int = 20  # validation batches per evaluation on each rank
+    sample_interval: int = 250  # print text samples every N steps; 0 disables
+    sample_tokens: int = 32
+    sample_prompt: str = "Hello, I'm a language model,"
+    checkpoint_interval: int = 0  # also save every N steps; the final step is always saved
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
+
+
+@dataclass
+class Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Keys whose value must be one of a few words.
+CHOICES = {
+    "train.dtype": ("auto", "bfloat16", "float32"),
+    "train.compile": ("auto", "true", "false"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _sections(cfg: Config) -> dict[str, object]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _field_types(section: object) -> dict[str, type]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{name}.{key}" for name, section in _sections(cfg).items() for key in _field_types(section)]
+
+
+def _check_type(key: str, value, expected: type):
+    """A TOML value must already have the right type; ints are accepted where floats are expected."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not expected:
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_cli_value(key: str, text: str, expected: type):
+    """A command-line value is a string; convert it to the field's type."""
+    try:
+        if expected is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0"):
+                raise ValueError
+            return lowered in ("true", "1")
+        if expected is int:
+            return int(text.replace("_", ""))
+        if expected is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"--{key}: expected {expected.__name__}, got {text!r}") from None
+
+
+def _set(cfg: Config, key: str, value, from_cli: bool) -> None:
+    section_name, _, name = key.partition(".")
+    section = _sections(cfg).get(section_name)
+    types = _field_types(section) if section is not None else {}
+    if name not in types:
+        raise ConfigError(f"unknown config key '{key}'. Valid keys: {', '.join(valid_keys(cfg))}")
+    expected = types[name]
+    value = _parse_cli_value(key, value, expected) if from_cli else _check_type(key, value, expected)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
+    setattr(section, name, value)
+
+
+def load_toml(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for section_name, entries in table.items():
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{path}: '{section_name}' must be a [section]; sections are "
+                              f"{', '.join(_sections(cfg))}")
+        for name, value in entries.items():
+            try:
+                _set(cfg, f"{section_name}.{name}", value, from_cli=False)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+
+
+def validate(cfg: Config) -> None:
+    """Checks between keys that do not depend on the number of devices."""
+    if cfg.data.seq_len > cfg.model.block_size:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({cfg.model.block_size})")
+    if cfg.model.n_embd % cfg.model.n_head:
+        raise ConfigError(f"model.n_embd ({cfg.model.n_embd}) must be divisible by model.n_head ({cfg.model.n_head})")
+    if cfg.model.vocab_size < 50257:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must hold GPT-2's 50257 tokens")
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        raise ConfigError(f"optim.warmup_steps ({cfg.optim.warmup_steps}) exceeds train.max_steps ({cfg.train.max_steps})")
+    if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must be between 0 and optim.lr ({cfg.optim.lr})")
+    for key in ("data.seq_len", "data.micro_batch_size", "data.total_batch_tokens", "train.max_steps",
+                "train.val_steps", "train.log_interval"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key} must be at least 1")
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step so that every step sees exactly data.total_batch_tokens tokens."""
+    per_micro_step = cfg.data.micro_batch_size * cfg.data.seq_len * world_size
+    if cfg.data.total_batch_tokens % per_micro_step:
+        raise ConfigError(
+            f"data.total_batch_tokens ({cfg.data.total_batch_tokens}) must be divisible by data.micro_batch_size x "
+            f"data.seq_len x world size = {cfg.data.micro_batch_size} x {cfg.data.seq_len} x {world_size} "
+            f"= {per_micro_step}")
+    return cfg.data.total_batch_tokens // per_micro_step
+
+
+def help_text(cfg: Config) -> str:
+    lines = ["usage: train_gpt2.py [--config FILE.toml] [--section.key=value ...]", "",
+             "Keys, with their defaults (after --config, if one was given):"]
+    for section_name, section in _sections(cfg).items():
+        lines.append(f"  [{section_name}]")
+        for name, typ in _field_types(section).items():
+            key = f"{section_name}.{name}"
+            choices = f"  (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
+            lines.append(f"    --{key}={getattr(section, name)!r}  ({typ.__name__}){choices}")
+    return "\n".join(lines)
+
+
+def load_config(argv: list[str]) -> Config:
+    """Defaults, then --config FILE, then --key=value / --key value overrides, in that order.
+    --help prints every key with its default and exits."""
+    args = list(argv)
+    cfg = Config()
+    overrides: list[tuple[str, str]] = []
+    config_path = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            i += 1
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        if key == "config":
+            config_path = value
+        else:
+            overrides.append((key, value))
+        i += 1
+    if config_path is not None:
+        load_toml(cfg, config_path)
+    for key, value in overrides:
+        _set(cfg, key, value, from_cli=True)
+    if "--help" in args or "-h" in args:
+        print(help_text(cfg))
+        sys.exit(0)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (saved in checkpoints and the run directory)."""
+    return dataclasses.asdict(cfg)

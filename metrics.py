@@ -1,0 +1,71 @@
+"""Throughput, model FLOPs utilisation and the per-step metrics log (stdout + one JSON object per line)."""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from model import GPT
+
+# Dense bf16 peaks per device, TFLOP/s (vendor datasheets; the 2:4-sparse figures are twice these).
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.2,
+                   "3090": 71.0}
+
+
+def flops_per_token(model: GPT, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6N for the matmuls of forward+backward, plus attention's
+    12 * n_layer * n_head * head_dim * T. N counts every parameter, the tied embedding once."""
+    cfg = model.config
+    return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def measure_cpu_matmul_tflops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """What this CPU does on a square matmul in `dtype`, best of `repeats` (the machine may be busy): the peak
+    for CPU MFU, and the test of whether bfloat16 helps here (with AMX or AVX512-BF16 it is several times faster
+    than float32; without, far slower)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> float | None:
+    """The per-device peak that MFU is measured against: the configured value, else a known GPU's datasheet
+    bf16 figure, else (CPU) a measured matmul. None when unknown (MFU then is not reported)."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
+    if device.type == "cpu":
+        return measure_cpu_matmul_tflops(dtype)
+    return None
+
+
+class MetricsLogger:
+    """Prints one line per logged step and appends the same numbers as JSON to out_dir/metrics.jsonl."""
+
+    def __init__(self, path: str | Path | None, enabled: bool = True):
+        self.enabled = enabled
+        self.file = None
+        if enabled and path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", buffering=1)  # line-buffered: a crash loses at most the current line
+
+    def log(self, record: dict, line: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if line is not None:
+            print(line, flush=True)
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

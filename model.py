@@ -1,0 +1,204 @@
+"""GPT-2: the model and nothing else (no files, ranks or config files).
+
+Token + learned position embeddings, pre-LayerNorm transformer blocks with fused causal SDPA attention and a
+tanh-GELU MLP, a final LayerNorm and an LM head tied to the token embedding.
+"""
+
+import inspect
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls, padded ids never targets
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scaled_init = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scaled_init = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            # Each block adds two residual branches; scaling their output projections keeps the residual
+            # stream's variance from growing with depth (GPT-2 paper).
+            if getattr(module, "residual_scaled_init", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, the tied embedding counted once; non_embedding leaves out the position embedding
+        (the token embedding is kept, since as the LM head it does compute work)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx, targets: (B, T) token ids. Returns (logits, loss): with targets, logits for every position
+        and the mean cross-entropy (targets of -1 are ignored); without, logits for the last position only."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # generation needs only the next token's logits
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
+                             eps: float = 1e-8, device_type: str = "cpu") -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings (params of 2+ dims) only, never on biases or
+        LayerNorm gains; the fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = {"fused": True} if use_fused else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, n_vocab: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 means greedy; n_vocab limits
+        sampling to the tokenizer's ids when vocab_size is padded. Works on a torch.compile'd model too: it
+        only calls forward."""
+        n_real = n_vocab or self.config.vocab_size
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :n_real].float()
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str) -> "GPT":
+        """OpenAI GPT-2 weights through `transformers`: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a
+        directory written by GPT2LMHeadModel.save_pretrained. The vocabulary is kept at the checkpoint's size."""
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise ImportError("loading pretrained GPT-2 weights needs the `transformers` package: "
+                              "pip install transformers") from None
+        try:
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except OSError as e:
+            if os.path.isdir(name_or_dir):
+                raise
+            raise OSError(f"could not load GPT-2 weights '{name_or_dir}' from the Hugging Face Hub (no network, or "
+                          f"no such model): pass a directory written by save_pretrained instead ({e.__class__.__name__})") from None
+        hf_config = hf_model.config
+        if getattr(hf_config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{name_or_dir}: activation {hf_config.activation_function} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
+                           n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd, bias=True)
+        model = cls(config)
+        hf_state = hf_model.state_dict()
+        state = model.state_dict()
+        # HF stores these as Conv1D, whose weight is the transpose of nn.Linear's.
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        for key in state:
+            if key == "lm_head.weight":
+                continue  # tied to transformer.wte.weight
+            src = hf_state[key]
+            if key.endswith(conv1d):
+                src = src.t()
+            if src.shape != state[key].shape:
+                raise ValueError(f"{name_or_dir}: {key} has shape {tuple(src.shape)}, expected {tuple(state[key].shape)}")
+            with torch.no_grad():
+                state[key].copy_(src)
+        return model

@@ -1,0 +1,335 @@
+"""Shard format and ShardLoader: layout, validation, rank disjointness, shuffling, exact resumption, memory."""
+
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import ShardError, ShardLoader, document_starts, read_shard, write_shard
+from tokenizer import EOT_ID
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+def make_docs(n_tokens: int, rng: np.random.Generator, first: int = 0, lead: int = 0, longest: int = 12) -> np.ndarray:
+    """n_tokens of documents 2-`longest` tokens long, each starting with EOT (after `lead` tokens with none).
+
+    Every other token is unique (first, first+1, ...), so its position in the data can be recognised anywhere.
+    """
+    tokens = np.arange(first, first + n_tokens) % EOT_ID
+    pos = lead
+    while pos < n_tokens:
+        tokens[pos] = EOT_ID
+        pos += int(rng.integers(2, longest + 1))
+    return tokens
+
+
+def write_split(data_dir: Path, shards: list[np.ndarray], split: str = "train") -> list[Path]:
+    paths = [data_dir / f"tiny_{split}_{i:06d}.bin" for i in range(len(shards))]
+    for path, tokens in zip(paths, shards):
+        write_shard(path, tokens)
+    return paths
+
+
+def make_split(data_dir: Path, sizes: list[int], seed: int = 0, split: str = "train") -> np.ndarray:
+    """Shards of the given sizes with distinguishable tokens; returns the whole stream in file order."""
+    rng = np.random.default_rng(seed)
+    shards, first = [], 1
+    for i, n in enumerate(sizes):
+        shards.append(make_docs(n, rng, first=first, lead=3 if i == 0 else 0))
+        first += n
+    write_split(data_dir, shards, split)
+    return np.concatenate(shards)
+
+
+def take(loader: ShardLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [loader.next_batch() for _ in range(n)]
+
+
+def stream_of(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """The inputs of consecutive batches of one rank, flattened in the order they were read."""
+    return torch.cat([x.flatten() for x, _ in batches]).numpy()
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def split_documents(stream: np.ndarray, doc_of: dict[int, int]) -> list[tuple[int, ...]]:
+    """Cut a stream where a document starts: at each EOT, and where the (unique) tokens change document."""
+    docs: list[list[int]] = []
+    for i, tok in enumerate(stream.tolist()):
+        prev = stream[i - 1] if i else EOT_ID
+        if i == 0 or tok == EOT_ID or (prev != EOT_ID and doc_of[tok] != doc_of[int(prev)]):
+            docs.append([])
+        docs[-1].append(tok)
+    return [tuple(d) for d in docs]
+
+
+def documents(tokens: np.ndarray) -> list[tuple[int, ...]]:
+    starts = document_starts(tokens).tolist() + [len(tokens)]
+    return [tuple(tokens[a:b].tolist()) for a, b in zip(starts[:-1], starts[1:])]
+
+
+# ---- shard format -----------------------------------------------------------------------------------------------
+
+def test_shard_byte_layout(tmp_path: Path) -> None:
+    path = tmp_path / "s_train_000000.bin"
+    tokens = [1, 258, 65535, EOT_ID]
+    write_shard(path, tokens)
+    raw = path.read_bytes()
+    assert len(raw) == 1024 + 2 * len(tokens)
+    header = np.frombuffer(raw[:1024], dtype="<i4")
+    assert header[:3].tolist() == [20240520, 1, len(tokens)]
+    assert not header[3:].any()
+    assert raw[1024:] == b"\x01\x00\x02\x01\xff\xff\x50\xc4"  # little-endian uint16
+    assert read_shard(path).tolist() == tokens
+
+
+def _bad_magic(raw: bytearray) -> bytes:
+    raw[0:4] = (12345).to_bytes(4, "little")
+    return bytes(raw)
+
+
+def _bad_version(raw: bytearray) -> bytes:
+    raw[4:8] = (2).to_bytes(4, "little")
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_bad_magic, "magic number 12345"),
+    (_bad_version, "version 2"),
+    (lambda raw: bytes(raw[:-3]), "truncated"),
+    (lambda raw: bytes(raw[:600]), "shorter than the 1024-byte header"),
+    (lambda raw: bytes(raw) + b"\x00\x00", "but the file is"),
+])
+def test_corrupt_shard_error_names_file(tmp_path: Path, corrupt, message: str) -> None:
+    path = tmp_path / "s_train_000000.bin"
+    write_shard(path, np.arange(100))
+    path.write_bytes(corrupt(bytearray(path.read_bytes())))
+    with pytest.raises(ShardError, match=message) as info:
+        read_shard(path)
+    assert str(path) in str(info.value)
+
+
+def test_loader_checks_every_shard_at_start(tmp_path: Path) -> None:
+    paths = write_split(tmp_path, [np.arange(500)] * 4)
+    paths[-1].write_bytes(paths[-1].read_bytes()[:-10])  # only the last shard, which a run would reach last
+    with pytest.raises(ShardError, match="truncated") as info:
+        ShardLoader(tmp_path, "train", batch_size=2, seq_len=8)
+    assert str(paths[-1]) in str(info.value)
+
+
+def test_npy_shards_are_read(tmp_path: Path) -> None:
+    tokens = make_docs(300, np.random.default_rng(0))
+    np.save(tmp_path / "edu_val_000000.npy", tokens.astype(np.uint16))
+    shard = read_shard(tmp_path / "edu_val_000000.npy")
+    assert isinstance(shard, np.memmap) and shard.dtype == np.uint16
+    assert np.array_equal(shard, tokens)
+    loader = ShardLoader(tmp_path, "val", batch_size=2, seq_len=10)
+    assert np.array_equal(stream_of(take(loader, 5)), tokens[:100])
+    np.save(tmp_path / "bad_val_000001.npy", tokens.astype(np.int32))
+    with pytest.raises(ShardError, match="bad_val_000001.npy"):
+        read_shard(tmp_path / "bad_val_000001.npy")
+
+
+@pytest.mark.parametrize("tokens, starts", [
+    ([7, EOT_ID, 1, EOT_ID, EOT_ID, 2], [0, 1, 3, 4]),
+    ([EOT_ID, 1, 2, EOT_ID], [0, 3]),
+    ([5, 6], [0]),
+    ([], []),
+])
+def test_document_starts(monkeypatch: pytest.MonkeyPatch, tokens: list[int], starts: list[int]) -> None:
+    monkeypatch.setattr(data, "SCAN_CHUNK", 2)  # documents that straddle scan chunks
+    assert document_starts(np.array(tokens, dtype=np.uint16)).tolist() == starts
+
+
+# ---- batches ----------------------------------------------------------------------------------------------------
+
+def test_targets_are_inputs_shifted(tmp_path: Path) -> None:
+    make_split(tmp_path, [400, 300])
+    loader = ShardLoader(tmp_path, "train", batch_size=3, seq_len=16)
+    for x, y in take(loader, 20):
+        assert x.shape == y.shape == (3, 16) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(y[:, :-1], x[:, 1:])
+        assert torch.equal(y[:-1, -1], x[1:, 0])  # the rows of a batch are one contiguous window
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_unshuffled_stream_is_file_order_with_nothing_skipped(tmp_path: Path, world_size: int) -> None:
+    stream = make_split(tmp_path, [37, 0, 50, 29])  # an empty shard, and batches that straddle every boundary
+    loaders = [ShardLoader(tmp_path, "train", 2, 8, rank=r, world_size=world_size, shuffle=False)
+               for r in range(world_size)]
+    steps = 60 // world_size  # about eight epochs
+    batches = [loader.next_batch() for _ in range(steps) for loader in loaders]  # step by step, rank by rank
+    n = len(batches) * 16
+    repeated = np.tile(stream, n // len(stream) + 2)
+    assert np.array_equal(stream_of(batches), repeated[:n])
+    assert np.array_equal(torch.cat([y.flatten() for _, y in batches]).numpy(), repeated[1:n + 1])
+
+
+def test_two_ranks_cover_every_token_once_per_epoch(tmp_path: Path) -> None:
+    stream = make_split(tmp_path, [130, 200, 150])  # 480 tokens = 15 steps of 2 ranks x 2 x 8
+    ranks = [ShardLoader(tmp_path, "train", 2, 8, rank=r, world_size=2) for r in range(2)]
+    seen = Counter(np.concatenate([stream_of(take(loader, 15)) for loader in ranks]).tolist())
+    expected = Counter(stream.tolist())
+    assert seen == expected
+    assert max(c for tok, c in seen.items() if tok != EOT_ID) == 1
+
+
+def test_shuffle_permutes_whole_documents(tmp_path: Path) -> None:
+    sizes = [160, 96, 224]  # 480 tokens = 30 batches of 2 x 8
+    stream = make_split(tmp_path, sizes)
+    bounds = np.cumsum([0] + sizes)
+    shard_docs = [documents(stream[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    doc_of = {tok: i for i, doc in enumerate(d for docs in shard_docs for d in docs) for tok in doc if tok != EOT_ID}
+
+    loader = ShardLoader(tmp_path, "train", 2, 8)
+    assert loader.shuffle
+    shuffled = split_documents(stream_of(take(loader, 30)), doc_of)
+    originals = [d for docs in shard_docs for d in docs]
+    assert Counter(shuffled) == Counter(originals)  # every document intact, each exactly once
+    assert shuffled != originals
+    lead = shard_docs[0][0]
+    assert lead[0] != EOT_ID and all(d[0] == EOT_ID for d in shuffled if d != lead)
+    # documents are permuted within their shard: each shard's documents stay together, shards in some order
+    runs = [next(i for i, docs in enumerate(shard_docs) if d in docs) for d in shuffled]
+    assert all([d for d, k in zip(shuffled, runs) if k == i] != docs for i, docs in enumerate(shard_docs))
+    assert [k for i, k in enumerate(runs) if i == 0 or k != runs[i - 1]] in [[0, 1, 2], [0, 2, 1], [1, 0, 2],
+                                                                              [1, 2, 0], [2, 0, 1], [2, 1, 0]]
+
+
+def test_shuffle_changes_with_seed_and_epoch(tmp_path: Path) -> None:
+    stream = make_split(tmp_path, [100, 140])  # 240 tokens = 15 batches of 2 x 8
+
+    def epochs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        loader = ShardLoader(tmp_path, "train", 2, 8, seed=seed)
+        return stream_of(take(loader, 15)), stream_of(take(loader, 15))
+
+    seed0_epoch0, seed0_epoch1 = epochs(0)
+    seed1_epoch0, _ = epochs(1)
+    for shuffled in (seed0_epoch0, seed0_epoch1, seed1_epoch0):
+        assert np.array_equal(np.sort(shuffled), np.sort(stream))
+    assert not np.array_equal(seed0_epoch0, seed0_epoch1)
+    assert not np.array_equal(seed0_epoch0, seed1_epoch0)
+    assert not np.array_equal(seed0_epoch0, stream)
+    assert np.array_equal(epochs(0)[0], seed0_epoch0)  # deterministic from (seed, epoch)
+
+
+# ---- state ------------------------------------------------------------------------------------------------------
+
+def assert_plain(value) -> None:
+    """Only what torch.load(weights_only=True) accepts without help, and nothing numpy."""
+    assert type(value) in (int, float, str, bool, list, dict), type(value)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert type(k) is str
+            assert_plain(v)
+    elif isinstance(value, list):
+        for v in value:
+            assert_plain(v)
+
+
+@pytest.mark.parametrize("k, m, through_torch_save", [
+    (3, 5, False),  # mid-epoch
+    (15, 8, False),  # the m batches cross into the next epoch (steps of 32 tokens, 590-token epochs)
+    (25, 4, True),  # restored from a checkpoint file, in the second epoch
+])
+def test_state_round_trip(tmp_path: Path, k: int, m: int, through_torch_save: bool) -> None:
+    make_split(tmp_path / "data", [250, 340])
+    original = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7)
+    take(original, k)
+    state = original.state_dict()
+    assert_plain(state)
+    expected = take(original, m)
+    if through_torch_save:
+        torch.save({"loader": state}, tmp_path / "ckpt.pt")
+        state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
+    restored = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7)
+    restored.load_state_dict(state)
+    assert (restored.position, restored.epoch) == (state["position"], state["epoch"]) == (k * 32, k * 32 // 590)
+    assert_same_batches(take(restored, m), expected)
+
+
+def test_state_restores_under_another_world_size(tmp_path: Path) -> None:
+    make_split(tmp_path, [300, 211])
+    single = ShardLoader(tmp_path, "train", 2, 8)
+    take(single, 7)
+    state = single.state_dict()
+    expected = take(single, 6)  # what ranks 0, 1, 0, 1, ... of a 2-rank job get, step by step
+    ranks = [ShardLoader(tmp_path, "train", 2, 8, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    assert_same_batches([ranks[i % 2].next_batch() for i in range(6)], expected)
+
+
+def test_val_reset_yields_identical_batches(tmp_path: Path) -> None:
+    stream = make_split(tmp_path, [90, 70], split="val")
+    make_split(tmp_path, [90, 70], split="train")
+    assert ShardLoader(tmp_path, "train", 2, 8).shuffle
+    val = ShardLoader(tmp_path, "val", 2, 8)
+    assert not val.shuffle
+    first = take(val, 13)  # more than one epoch of val
+    assert np.array_equal(stream_of(first)[:160], stream)
+    val.reset()
+    assert_same_batches(take(val, 13), first)
+
+
+def test_load_state_dict_rejects_changed_data(tmp_path: Path) -> None:
+    make_split(tmp_path, [200, 200])
+    state = ShardLoader(tmp_path, "train", 2, 8).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        ShardLoader(tmp_path, "train", 2, 8, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle"):
+        ShardLoader(tmp_path, "train", 2, 8, shuffle=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="has no 'split'"):
+        ShardLoader(tmp_path, "train", 2, 8).load_state_dict({"position": 0})
+    write_shard(tmp_path / "tiny_train_000001.bin", np.arange(199))  # same name, one token fewer
+    with pytest.raises(ValueError, match="shards .*changed"):
+        ShardLoader(tmp_path, "train", 2, 8).load_state_dict(state)
+    write_shard(tmp_path / "tiny_train_000001.bin", np.arange(200))
+    ShardLoader(tmp_path, "train", 2, 8).load_state_dict(state)  # same names and sizes again: accepted
+    write_shard(tmp_path / "tiny_train_000002.bin", np.arange(200))
+    with pytest.raises(ValueError, match="shards .*changed"):
+        ShardLoader(tmp_path, "train", 2, 8).load_state_dict(state)
+
+
+# ---- limits -----------------------------------------------------------------------------------------------------
+
+def test_loader_memory_maps_instead_of_copying(tmp_path: Path) -> None:
+    n = 8_000_000  # a 16 MB shard of documents of about 1000 tokens
+    write_split(tmp_path, [make_docs(n, np.random.default_rng(0), longest=2000)])
+    tracemalloc.start()
+    try:
+        loader = ShardLoader(tmp_path, "train", 4, 256)
+        take(loader, 20)  # shuffled: the first batch scans the whole shard for documents
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        np.array(loader.shards[0])  # a copy, to show tracemalloc does see numpy's memory
+        _, copy_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(isinstance(s, np.memmap) for s in loader.shards)
+    assert copy_peak >= 2 * n
+    assert peak < 2 * n / 4
+
+
+def test_too_little_data_is_an_error(tmp_path: Path) -> None:
+    make_split(tmp_path, [10, 6])  # 16 tokens; a 2 x 8 batch needs 17
+    with pytest.raises(ValueError, match="16 tokens, fewer than one batch"):
+        ShardLoader(tmp_path, "train", 2, 8)
+    ShardLoader(tmp_path, "train", 3, 5)  # 16 tokens are enough for 3 x 5 + 1
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    make_split(tmp_path, [100])
+    with pytest.raises(ValueError, match="rank 2"):
+        ShardLoader(tmp_path, "train", 2, 8, rank=2, world_size=2)
+    with pytest.raises(FileNotFoundError, match="no val shards"):
+        ShardLoader(tmp_path, "val", 2, 8)

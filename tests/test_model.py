@@ -1,0 +1,121 @@
+"""The model against independent references: transformers' GPT-2, explicit attention, GPT-2's init rules."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model import GPT, GPTConfig
+
+TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
+
+
+def test_matches_transformers_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")  # in requirements-dev.txt, so CI always has it
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_positions=64, vocab_size=500, n_layer=3, n_head=4, n_embd=64,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_model.save_pretrained(tmp_path)
+
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    assert model.config.vocab_size == 500 and model.config.n_layer == 3 and model.config.block_size == 64
+    idx = torch.randint(0, 500, (3, 40))
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        logits, loss = model(idx, idx)
+        last, _ = model(idx)
+    assert (logits - expected).abs().max().item() <= 1e-4
+    assert (last[:, -1] - expected[:, -1]).abs().max().item() <= 1e-4
+    expected_loss = F.cross_entropy(expected.reshape(-1, 500), idx.reshape(-1))
+    assert abs(loss.item() - expected_loss.item()) <= 1e-5
+
+
+def test_from_pretrained_missing_hub_model_is_one_clear_error(monkeypatch):
+    pytest.importorskip("transformers")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
+    with pytest.raises(OSError, match="could not load GPT-2 weights 'gpt2-not-a-model'"):
+        GPT.from_pretrained("gpt2-not-a-model")
+
+
+def test_attention_is_causal_and_matches_explicit_softmax():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 10, TINY.n_embd)
+    B, T, C = x.shape
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, TINY.n_head, C // TINY.n_head).transpose(1, 2) for t in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+    att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+    expected = attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+    assert torch.allclose(attn(x), expected, atol=1e-6)
+    # Changing a later token never changes an earlier position's logits.
+    idx = torch.randint(0, TINY.vocab_size, (1, 12))
+    changed = idx.clone()
+    changed[0, 8] = (changed[0, 8] + 1) % TINY.vocab_size
+    with torch.no_grad():
+        a, _ = model(idx, idx)
+        b, _ = model(changed, changed)
+    assert torch.allclose(a[:, :8], b[:, :8]) and not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_gpt2_initialisation_and_tied_head():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=2048, n_layer=8, n_head=4, n_embd=256)
+    model = GPT(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+        assert block.mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+        assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert block.attn.c_attn.bias.abs().max().item() == 0.0
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    # The tied matrix is counted once.
+    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+
+
+def test_gpt2_124M_has_124M_parameters():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=50257))
+    assert round(model.num_params() / 1e6) == 124
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(TINY)
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    named = dict(model.named_parameters())
+    assert any(p is named["transformer.wte.weight"] for p in decay["params"])
+    assert any(p is named["transformer.ln_f.weight"] for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+
+
+def test_forward_without_targets_returns_last_position_only():
+    model = GPT(TINY)
+    logits, loss = model(torch.randint(0, TINY.vocab_size, (2, 7)))
+    assert logits.shape == (2, 1, TINY.vocab_size) and loss is None
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, TINY.block_size + 1, dtype=torch.long))
+
+
+def test_generate_respects_n_vocab_and_works_compiled():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    prompt = torch.zeros(4, 3, dtype=torch.long)
+    out = model.generate(prompt, 40, temperature=2.0, n_vocab=10, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (4, 43) and torch.equal(out[:, :3], prompt)
+    assert out.max().item() < 10  # padded vocabulary rows are never sampled
+    greedy = model.generate(prompt, 5, temperature=0)
+    compiled = torch.compile(model)
+    assert torch.equal(compiled.generate(prompt, 5, temperature=0), greedy)
+    # Prompts longer than block_size are cropped to the last block_size tokens.
+    long_prompt = torch.randint(0, TINY.vocab_size, (1, TINY.block_size + 5))
+    assert model.generate(long_prompt, 2, top_k=5).shape == (1, TINY.block_size + 7)
