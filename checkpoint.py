@@ -61,10 +61,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
     weights (a hub name such as gpt2-xl, or a directory written by save_pretrained).
     Returns (model in eval mode on device, the checkpoint's metadata: step, config; empty for HF weights)."""
     source_path = Path(source)
-    if source_path.is_dir() and not (source_path / "config.json").is_file():
-        latest = find_latest(source_path)
-        if latest is None:
-            raise CheckpointError(f"no ckpt_*.pt checkpoints in {source_path}")
+    if source_path.is_dir() and (latest := find_latest(source_path)) is not None:
         source_path = latest
     if source_path.is_file():
         state = load_checkpoint(source_path)

@@ -157,8 +157,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_embd ({cfg.model.n_embd}) must be divisible by model.n_head ({cfg.model.n_head})")
     if cfg.model.vocab_size < 50257:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must hold GPT-2's 50257 tokens")
-    if cfg.optim.warmup_steps > cfg.train.max_steps:
-        raise ConfigError(f"optim.warmup_steps ({cfg.optim.warmup_steps}) exceeds train.max_steps ({cfg.train.max_steps})")
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
         raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must be between 0 and optim.lr ({cfg.optim.lr})")
     for key in ("data.seq_len", "data.micro_batch_size", "data.total_batch_tokens", "train.max_steps",

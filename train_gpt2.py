@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
     flops = flops_per_token(raw_model, T)
     peak = peak_tflops(device, dtype, cfg.train.peak_tflops)
     if master:
-        atomic_write_text(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+        atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         print(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, "
               f"{cfg.model.n_embd} wide | device {device} x {dist_info.world_size}, {str(dtype)[6:]}, "
               f"compile {compiled}")

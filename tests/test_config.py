@@ -56,8 +56,8 @@ def test_cross_key_validation():
         load_config(["--data.seq_len=2048"])
     with pytest.raises(ConfigError, match="must be divisible by model.n_head"):
         load_config(["--model.n_head=5"])
-    with pytest.raises(ConfigError, match="warmup_steps"):
-        load_config(["--train.max_steps=10"])
+    with pytest.raises(ConfigError, match="train.max_steps must be at least 1"):
+        load_config(["--train.max_steps=0"])
 
 
 def test_grad_accum_steps():
