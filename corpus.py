@@ -1,0 +1,581 @@
+"""Text corpora -> GPT-2 token shards: document sources and the tokenize-and-shard pipeline.
+
+A source yields documents (str) in a fixed order: local files (LocalFiles), a Hugging Face dataset (HubDataset)
+or the standard library's own sources (the offline demo corpus). build_corpus tokenizes them in a process pool,
+consumes the results in order (so the output never depends on the worker count) and cuts the stream of
+<|endoftext|> + document tokens into .bin shards: the first val_tokens tokens go to val shards, the rest to train.
+
+After each shard it records how far it got in progress.json, so a run that was interrupted, started again with
+the same arguments, continues after its last complete shard and writes the same bytes an uninterrupted run would.
+A finished corpus has a manifest.json (source, tokenizer, counts, each shard's sha256) and no progress.json.
+"""
+
+import array
+import contextlib
+import fcntl
+import glob
+import gzip
+import hashlib
+import importlib
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import re
+import signal
+import sysconfig
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from data import HEADER_BYTES, write_shard
+from fileio import atomic_write_text
+from tokenizer import EOT_ID, RANKS_SHA256, get_encoding
+
+DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as build-nanogpt and llm.c
+DEFAULT_VAL_TOKENS = 100_000_000  # their first shard is the val split
+CHUNK_CHARS = 1 << 18  # characters per task sent to a worker (~80k tokens): amortizes the IPC, bounds memory
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+LOCK = ".lock"
+INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+DEMO_DIR = Path("data/demo")
+DEMO_SHARD_SIZE = 1_000_000
+DEMO_VAL_TOKENS = 250_000
+# Parts of the stdlib tree that are tests, third-party packages or written per machine at build time.
+DEMO_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+class CorpusError(Exception):
+    """A problem with the input, the arguments or the output directory; the message says what and where."""
+
+
+class SourceUnreachable(CorpusError):
+    """The dataset could not be fetched (no network, or the Hub is down)."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Document sources
+
+
+class Source(Protocol):
+    def describe(self) -> dict:
+        """What the documents are, as JSON: stored in the manifest and compared when a run resumes."""
+
+    def __iter__(self) -> Iterator[str]:
+        """The documents, always in the same order."""
+
+
+def _checked_text(value, text_field: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise CorpusError(f"{where}: field {text_field!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _text_of(record, text_field: str, where: str) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        got = f"keys {sorted(record)[:8]}" if isinstance(record, dict) else type(record).__name__
+        raise CorpusError(f"{where}: expected a JSON object with a string {text_field!r} field, got {got} "
+                          "(choose the field with --text-field)")
+    return _checked_text(record[text_field], text_field, where)
+
+
+def _read_text(path: Path) -> Iterator[str]:
+    try:
+        yield path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                      "expected one JSON object per line") from None
+                yield _text_of(record, text_field, f"{path}, line {lineno}")
+    except UnicodeDecodeError:
+        raise CorpusError(f"{path}, line {lineno + 1}: not UTF-8 text") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise CorpusError(f"{path}: not a complete gzip file ({e})") from None
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except pyarrow.ArrowException as e:
+        raise CorpusError(f"{path}: not a readable parquet file ({e})") from None
+    columns = table.schema_arrow.names
+    if text_field not in columns:
+        raise CorpusError(f"{path}: no column {text_field!r}; it has {columns} (choose the column with --text-field)")
+    row = 0
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield _checked_text(value, text_field, f"{path}, row {row}")
+
+
+def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """The documents in one file: a JSON object per line (.jsonl, .jsonl.gz), a row (.parquet) or the whole file."""
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        return _read_jsonl(path, text_field)
+    if path.name.endswith(".parquet"):
+        return _read_parquet(path, text_field)
+    return _read_text(path)
+
+
+def resolve_inputs(patterns: list[str]) -> list[Path]:
+    """Expand files, directories and globs (each one's matches sorted) into the list of input files, in order."""
+    paths = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir())
+            if not matches:
+                raise CorpusError(f"--input {pattern!r} matches no files")
+        elif Path(pattern).is_dir():
+            matches = sorted(p for p in Path(pattern).rglob("*") if p.name.endswith(INPUT_SUFFIXES))
+            if not matches:
+                raise CorpusError(f"--input {pattern!r} is a directory with no {', '.join(INPUT_SUFFIXES)} files")
+        elif Path(pattern).exists():
+            matches = [Path(pattern)]
+        else:
+            raise CorpusError(f"--input {pattern!r} does not exist")
+        for path in matches:
+            if not path.name.endswith(INPUT_SUFFIXES):
+                raise CorpusError(f"{path}: unsupported input type; expected one of {', '.join(INPUT_SUFFIXES)}")
+        paths += matches
+    return paths
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """Documents from local files, file after file (see read_documents for the formats)."""
+
+    paths: tuple[Path, ...]
+    text_field: str = "text"
+    kind: str = "files"
+
+    def describe(self) -> dict:
+        # The file list, not sizes or dates: content is checked on resume by the hash of the last document written.
+        listing = "\n".join(str(p) for p in self.paths)
+        return {"kind": self.kind, "files": len(self.paths), "first": str(self.paths[0]) if self.paths else None,
+                "paths_sha256": sha256_text(listing), "text_field": self.text_field}
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.paths:
+            yield from read_documents(path, self.text_field)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What datasets/huggingface_hub raise when the Hub cannot be reached, at load time or mid-stream."""
+    from huggingface_hub.errors import HfHubHTTPError  # an error status (5xx, 429) after hf_hub's own retries
+
+    errors = [ConnectionError, TimeoutError, HfHubHTTPError]  # ConnectionError covers hf_hub's OfflineModeIsEnabled
+    # requests' errors are not ConnectionError; huggingface_hub's HTTP client is httpx or httpx2 by version
+    for module, name in (("requests", "ConnectionError"), ("requests", "Timeout"), ("httpx2", "TransportError"),
+                         ("httpx", "TransportError")):
+        with contextlib.suppress(ImportError):
+            errors.append(getattr(importlib.import_module(module), name))
+    return tuple(errors)
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """Documents from a Hugging Face dataset (or a local dataset directory), streamed.
+
+    Streaming rather than downloading: sample-10BT alone is ~27 GB of parquet, and a download would keep that in
+    the cache and convert it again to Arrow (twice the disk) before the first token; streaming starts at once,
+    needs no disk beyond the shards, and reads the same files in the same order, so the output is deterministic.
+    The cost is on resume: skipped documents are streamed again (not tokenized).
+    """
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    def describe(self) -> dict:
+        return {"kind": "hub", "dataset": self.name, "config": self.config, "split": self.split,
+                "text_field": self.text_field}
+
+    def __iter__(self) -> Iterator[str]:
+        import datasets  # slow to import; only this source needs it
+        from datasets.exceptions import DatasetNotFoundError
+
+        what = self.name + (f" ({self.config})" if self.config else "")
+        count = 0
+        try:
+            stream = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+            for record in stream:  # errors can surface here too: streaming opens the files lazily
+                yield _text_of(record, self.text_field, f"{what} record {count}")
+                count += 1
+        except DatasetNotFoundError:
+            raise CorpusError(f"dataset {what} was not found on the Hugging Face Hub (check --dataset/--name)") \
+                from None
+        except _network_errors():
+            if count:
+                raise SourceUnreachable(f"lost the connection to the Hugging Face Hub after {count} documents of "
+                                        f"{what}; run the same command again to continue after the last complete "
+                                        "shard") from None
+            raise SourceUnreachable(f"could not reach the Hugging Face Hub to load {what}; with no network, tokenize "
+                                    "local files with --input FILE_OR_GLOB (.txt, .jsonl, .jsonl.gz, .parquet) or "
+                                    "build the offline demo corpus with --demo") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizing in a process pool
+
+
+def tokenize_documents(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """<|endoftext|> + tokens for each document, concatenated as uint16, and each document's token count."""
+    # One thread: the parallelism comes from the process pool; threads on top would oversubscribe the cores.
+    ids = get_encoding().encode_ordinary_batch(docs, num_threads=1)
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
+    flat = array.array("H")  # uint16, filled from the lists faster than np.array(list) converts them
+    for doc in ids:
+        flat.append(EOT_ID)
+        flat.fromlist(doc)
+    return np.frombuffer(flat, dtype=np.uint16), lengths
+
+
+def _chunks(docs: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
+    """Group documents into lists of about chunk_chars characters (a huge document is a chunk of its own)."""
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _tokenized(chunks: Iterator[list[str]], pool, window: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(docs, tokens, lengths) for each chunk, in input order; pool None tokenizes in this process."""
+    if pool is None:
+        for docs in chunks:
+            yield docs, *tokenize_documents(docs)
+        return
+    # At most `window` tasks in flight: Pool.imap would read the whole, possibly endless, source ahead.
+    pending = deque()
+    for docs in chunks:
+        pending.append((docs, pool.apply_async(tokenize_documents, (docs,))))
+        if len(pending) >= window:
+            docs, result = pending.popleft()
+            yield docs, *result.get()
+    while pending:
+        docs, result = pending.popleft()
+        yield docs, *result.get()
+
+
+@contextlib.contextmanager
+def _maybe_pool(workers: int):
+    if workers <= 1:
+        yield None
+        return
+    with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:
+        yield pool
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches every process in the group: let the main process alone handle it (it ends the pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress, manifest and the shard writer
+
+
+@dataclass
+class Progress:
+    """How far a build got: everything needed to continue it exactly, written atomically after each shard."""
+
+    config: dict
+    docs_done: int = 0  # documents all of whose tokens are in written shards
+    carry: int = 0  # tokens of document `docs_done` (the one split by the last shard boundary) already written
+    last_doc_sha256: str | None = None  # the last document with tokens written, to catch changed input on resume
+    shards: list[dict] = field(default_factory=list)  # name, split, tokens, docs (that start in it), sha256
+
+    @property
+    def docs_started(self) -> int:
+        return self.docs_done + (self.carry > 0)
+
+    def save(self, output_dir: Path) -> None:
+        atomic_write_text(output_dir / PROGRESS, json.dumps(asdict(self), indent=1) + "\n")
+
+
+def _normalized(obj):
+    """obj as it reads back from JSON, so configs compare equal across a save and a load."""
+    return json.loads(json.dumps(obj))
+
+
+def _check_same_config(saved: dict, config: dict, output_dir: Path) -> None:
+    if saved == config:
+        return
+    diffs = [f"{key}: {saved.get(key)!r} then, {config.get(key)!r} now"
+             for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
+    raise CorpusError(f"{output_dir} was built with different arguments ({'; '.join(diffs)}); "
+                      "use the same arguments to continue it, or another --output (or delete the directory)")
+
+
+def _load_progress(output_dir: Path, config: dict, prefix: str) -> Progress:
+    """The saved progress of an interrupted build with this config, or a fresh start."""
+    path = output_dir / PROGRESS
+    if not path.exists():
+        ours = [p.name for p in output_dir.glob(f"{prefix}_*.bin")]
+        if ours:
+            raise CorpusError(f"{output_dir} holds shards ({ours[0]}, ...) but no {PROGRESS} or {MANIFEST} to say "
+                              "how they were made; choose another --output or delete them")
+        return Progress(config=config)
+    state = Progress(**json.loads(path.read_text()))
+    _check_same_config(state.config, config, output_dir)
+    for shard in state.shards:
+        _check_shard_file(output_dir, shard, f"listed in {path}")
+    return state
+
+
+def _check_shard_file(output_dir: Path, shard: dict, why: str) -> None:
+    path = output_dir / shard["name"]
+    if not path.is_file() or path.stat().st_size != HEADER_BYTES + 2 * shard["tokens"]:
+        raise CorpusError(f"shard {path} ({why}) is missing or has the wrong size; delete {output_dir} to start again")
+
+
+def is_complete(output_dir: str | Path) -> bool:
+    """Cheap check that a corpus was built to the end: its manifest exists and every shard has the right size."""
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        for shard in json.loads(path.read_text())["shards"]:
+            _check_shard_file(Path(output_dir), shard, "in the manifest")
+    except (CorpusError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _manifest(state: Progress) -> dict:
+    splits = {}
+    for split in ("val", "train"):
+        shards = [s for s in state.shards if s["split"] == split]
+        splits[split] = {"shards": len(shards), "tokens": sum(s["tokens"] for s in shards),
+                         "docs": sum(s["docs"] for s in shards)}
+    return {**state.config, "splits": splits, "shards": state.shards}
+
+
+@dataclass
+class _Chunk:
+    first_doc: int  # index of docs[0] in the whole stream
+    docs: list[str]
+    tokens: np.ndarray
+    ends: np.ndarray  # cumulative token counts: document i is tokens[ends[i] - length_i : ends[i]]
+
+    def position(self, pos: int) -> tuple[int, int, str]:
+        """(docs_done, carry, last document's text) once tokens[:pos] of this chunk are written."""
+        full = int(np.searchsorted(self.ends, pos, side="right"))
+        carry = pos - (int(self.ends[full - 1]) if full else 0)
+        return self.first_doc + full, carry, self.docs[full if carry else full - 1]
+
+
+class _ShardWriter:
+    """Cuts the token stream into val shards (the first val_tokens tokens), then train shards, saving progress."""
+
+    def __init__(self, output_dir: Path, prefix: str, shard_size: int, val_tokens: int, state: Progress):
+        self.output_dir, self.prefix, self.state = output_dir, prefix, state
+        self.shard_size, self.val_tokens = shard_size, val_tokens
+        self.buffer = np.empty(shard_size, dtype=np.uint16)
+        self.fill = 0
+        self.written = sum(s["tokens"] for s in state.shards)
+
+    def _room(self) -> int:
+        # The last val shard stops at val_tokens, so train starts with a fresh shard.
+        limit = min(self.shard_size, self.val_tokens - self.written) if self.written < self.val_tokens \
+            else self.shard_size
+        return limit - self.fill
+
+    def add(self, chunk: _Chunk, start: int = 0) -> None:
+        pos = start
+        while pos < len(chunk.tokens):
+            n = min(self._room(), len(chunk.tokens) - pos)
+            self.buffer[self.fill:self.fill + n] = chunk.tokens[pos:pos + n]
+            self.fill += n
+            pos += n
+            if self._room() == 0:
+                self._flush(*chunk.position(pos))
+
+    def finish(self, last_chunk: _Chunk | None) -> None:
+        if self.fill:
+            self._flush(*last_chunk.position(len(last_chunk.tokens)))
+
+    def _flush(self, docs_done: int, carry: int, last_doc: str) -> None:
+        state = self.state
+        split = "val" if self.written < self.val_tokens else "train"
+        index = sum(s["split"] == split for s in state.shards)
+        name = f"{self.prefix}_{split}_{index:06d}.bin"
+        write_shard(self.output_dir / name, self.buffer[:self.fill])
+        with open(self.output_dir / name, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        docs_before = state.docs_started
+        state.docs_done, state.carry, state.last_doc_sha256 = docs_done, carry, sha256_text(last_doc)
+        state.shards.append({"name": name, "split": split, "tokens": self.fill,
+                             "docs": state.docs_started - docs_before, "sha256": digest})
+        self.written += self.fill
+        self.fill = 0
+        state.save(self.output_dir)
+
+
+def _skip_written(docs: Iterator[str], state: Progress) -> Iterator[str]:
+    """The documents from docs_done on, skipping the written ones untokenized and checking the input is the same."""
+    if not state.shards:
+        return docs
+    last = None
+    skipped = 0
+    for skipped, last in enumerate(itertools.islice(docs, state.docs_done), 1):
+        pass
+    if skipped < state.docs_done:
+        raise CorpusError(f"the input now has {skipped} documents, fewer than the {state.docs_done} already in "
+                          "shards: it changed since the interrupted run; delete the output directory to start again")
+    if state.carry:
+        last = next(docs, None)
+        docs = itertools.chain([last] if last is not None else [], docs)
+    if last is None or sha256_text(last) != state.last_doc_sha256:
+        raise CorpusError(f"document {state.docs_started - 1} of the input differs from the one the interrupted run "
+                          "wrote: the input changed; delete the output directory to start again")
+    return docs
+
+
+def _opened(docs: Iterator[str]) -> Iterator[str]:
+    """docs, with its first document already fetched (streams open lazily: this surfaces their errors now)."""
+    first = next(docs, None)
+    return docs if first is None else itertools.chain([first], docs)
+
+
+@contextlib.contextmanager
+def _locked(output_dir: Path):
+    """Hold an exclusive lock on the output directory: a second build of it waits, then sees it complete."""
+    with open(output_dir / LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output_dir: Path
+    manifest: dict
+    resumed_tokens: int  # tokens already in shards when this run started (0: a fresh build)
+    new_tokens: int  # tokens written by this run
+    seconds: float
+    already_complete: bool = False
+
+
+def build_corpus(source: Source, output_dir: str | Path, *, prefix: str, shard_size: int = DEFAULT_SHARD_SIZE,
+                 val_tokens: int = DEFAULT_VAL_TOKENS, workers: int | None = None, chunk_chars: int = CHUNK_CHARS,
+                 show_progress: bool = True) -> BuildResult:
+    """Tokenize source's documents into shards in output_dir, continuing an interrupted build of the same config."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", prefix):
+        raise CorpusError(f"shard prefix {prefix!r} must be letters, digits, '.' and '-' (no '_': the loader finds "
+                          "shards by '_train_' and '_val_')")
+    if shard_size < 1 or val_tokens < 0:
+        raise CorpusError(f"shard size must be >= 1 and val tokens >= 0, got {shard_size} and {val_tokens}")
+    workers = workers or available_cpus()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = _normalized({"source": source.describe(), "tokenizer": {"name": "gpt2", "ranks_sha256": RANKS_SHA256,
+                          "eot_id": EOT_ID}, "prefix": prefix, "shard_size": shard_size, "val_tokens": val_tokens})
+    t0 = time.perf_counter()
+    with _locked(output_dir):
+        if (output_dir / MANIFEST).exists():
+            manifest = json.loads((output_dir / MANIFEST).read_text())
+            _check_same_config({k: manifest.get(k) for k in config}, config, output_dir)
+            return BuildResult(output_dir, manifest, sum(s["tokens"] for s in manifest["shards"]), 0, 0.0, True)
+        state = _load_progress(output_dir, config, prefix)
+        for pattern in (f".{prefix}_*.bin.tmp.*", f".{PROGRESS}.tmp.*", f".{MANIFEST}.tmp.*"):
+            for stale in output_dir.glob(pattern):  # left by a killed write (atomic_path's temporary names)
+                stale.unlink()
+        state.save(output_dir)  # from now on the directory says how its shards were made
+        writer = _ShardWriter(output_dir, prefix, shard_size, val_tokens, state)
+        resumed = writer.written
+        # The pool first, to fork before the source or tqdm start threads; the source next, so that a dataset
+        # which cannot be reached fails before a progress bar is drawn.
+        with _maybe_pool(workers) as pool:
+            if state.shards and show_progress:
+                print(f"continuing after {len(state.shards)} shards: reading past the {state.docs_done:,} documents "
+                      "already in them (without tokenizing them)")
+            docs = _opened(_skip_written(iter(source), state))
+            with tqdm(desc=f"tokenizing -> {output_dir}", unit="tok", unit_scale=True, initial=resumed,
+                      disable=not show_progress) as bar:
+                next_doc, start, chunk = state.docs_done, state.carry, None
+                for docs_, tokens, lengths in _tokenized(_chunks(docs, chunk_chars), pool, 2 * workers):
+                    chunk = _Chunk(next_doc, docs_, tokens, np.cumsum(lengths))
+                    writer.add(chunk, start)
+                    bar.update(len(tokens) - start)
+                    next_doc, start = next_doc + len(docs_), 0
+                    bar.set_postfix(docs=next_doc, shards=len(state.shards), refresh=False)
+                writer.finish(chunk)
+        if not state.shards:
+            raise CorpusError(f"the input ({source.describe()['kind']}) holds no documents")
+        manifest = _manifest(state)
+        atomic_write_text(output_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        (output_dir / PROGRESS).unlink()
+    return BuildResult(output_dir, manifest, resumed, writer.written - resumed, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The offline demo corpus
+
+
+def stdlib_sources(root: str | Path | None = None) -> list[Path]:
+    """The standard library's own .py files, sorted, without tests, installed packages or per-machine config."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in DEMO_SKIP_DIRS and not d.startswith("config-")]
+        files += [Path(folder, n) for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def demo_source(files: list[Path] | None = None) -> LocalFiles:
+    """The demo corpus's documents: each stdlib .py file (or each of `files`) is one document."""
+    files = stdlib_sources() if files is None else files
+    return LocalFiles(tuple(files), kind=f"demo: Python {platform.python_version()} standard library sources")
+
+
+def build_demo_corpus(output_dir: str | Path = DEMO_DIR, workers: int | None = None, files: list[Path] | None = None,
+                      shard_size: int = DEMO_SHARD_SIZE, val_tokens: int = DEMO_VAL_TOKENS,
+                      show_progress: bool = True) -> Path:
+    """A small corpus that needs no network (the stdlib's sources: 5.6M tokens on 3.11); returns at once if built."""
+    output_dir = Path(output_dir)
+    if not is_complete(output_dir):
+        build_corpus(demo_source(files), output_dir, prefix="demo", shard_size=shard_size, val_tokens=val_tokens,
+                     workers=workers, show_progress=show_progress)
+    return output_dir
