@@ -4,7 +4,6 @@ Token + learned position embeddings, pre-LayerNorm transformer blocks with fused
 tanh-GELU MLP, a final LayerNorm and an LM head tied to the token embedding.
 """
 
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -137,9 +136,7 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if use_fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

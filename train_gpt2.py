@@ -69,6 +69,7 @@ def evaluate(model, loader: ShardLoader, steps: int, device: torch.device, autoc
 
 
 def sample(model: GPT, cfg: Config, device: torch.device, num_samples: int = 2) -> list[str]:
+    model.eval()
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     prompt = torch.tensor([tokenizer.encode(cfg.train.sample_prompt)] * num_samples, device=device)
     out = model.generate(prompt, cfg.train.sample_tokens, temperature=1.0, top_k=50, n_vocab=tokenizer.N_VOCAB,

@@ -132,3 +132,14 @@ def test_bad_config_key_and_bad_shard_are_clear_errors(tiny_shards, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "tiny_train_000001.bin" in bad.stderr and "truncated" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_demo_config_builds_its_corpus_when_missing(tmp_path):
+    """The README's first command on a fresh machine: no shards yet, no network; the demo corpus is built."""
+    data_dir = tmp_path / "demo"
+    result = run([sys.executable, "train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}",
+                  f"--train.out_dir={tmp_path / 'run'}", "--train.max_steps=2", "--train.eval_interval=1",
+                  "--train.val_steps=1", "--train.sample_interval=0"])
+    assert "building the demo corpus" in result.stdout
+    assert (data_dir / "manifest.json").is_file() and list(data_dir.glob("demo_train_*.bin"))
+    assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r] == [0, 1]
