@@ -7,6 +7,7 @@
 
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,10 @@ from fileio import atomic_write_text
 from metrics import MetricsLogger, flops_per_token, measure_cpu_matmul_tflops, peak_tflops
 from model import GPT
 from schedule import lr_at
+
+
+class TrainingDiverged(RuntimeError):
+    pass
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -66,6 +71,31 @@ def evaluate(model, loader: ShardLoader, steps: int, device: torch.device, autoc
         total += loss.detach()
     model.train()
     return distributed.all_reduce_mean(total / steps).item()
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, loader: ShardLoader, accum_steps: int, lr: float,
+               grad_clip: float, device: torch.device, autocast) -> tuple[float, float]:
+    """One optimizer step over accum_steps micro-batches. Returns the loss (mean over micro-steps and ranks) and
+    the gradient norm before clipping."""
+    ddp = isinstance(model, DDP)
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(accum_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate locally.
+        sync = micro_step == accum_steps - 1 or not ddp
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            _, loss = model(x, y)
+        loss = loss / accum_steps  # the gradient of the mean over the whole step, not the sum
+        loss_accum += loss.detach()
+        loss.backward()
+    distributed.all_reduce_mean(loss_accum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_accum.item(), grad_norm.item()  # .item() waits for the device, so the caller's timing is real
 
 
 def sample(model: GPT, cfg: Config, device: torch.device, num_samples: int = 2) -> list[str]:
@@ -125,33 +155,20 @@ def main(argv: list[str]) -> None:
                 print(f"sample: {text!r}")
 
         t0 = time.perf_counter()
-        loss_accum = torch.zeros((), device=device)
-        for micro_step in range(accum_steps):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate locally.
-            sync = micro_step == accum_steps - 1 or not dist_info.enabled
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = model(x, y)
-            loss = loss / accum_steps  # the gradient of the mean over the whole step, not the sum
-            loss_accum += loss.detach()
-            loss.backward()
-        distributed.all_reduce_mean(loss_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or float("inf"))
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss_accum.item()  # waits for the device, so the timing below is real
+        loss_value, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr, cfg.optim.grad_clip,
+                                           device, autocast)
         dt = time.perf_counter() - t0
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"the loss is {loss_value} at step {step}: training diverged (lower optim.lr, "
+                                   "or check the data)")
 
         if step % cfg.train.log_interval == 0 or last_step:
             tokens_per_s = cfg.data.total_batch_tokens / dt
             mfu = flops * tokens_per_s / dist_info.world_size / (peak * 1e12) if peak else None
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                       "ms": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
-            logger.log(record, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.3e} | norm {grad_norm.item():.3f}"
+            logger.log(record, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.3e} | norm {grad_norm:.3f}"
                                f" | {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
                                + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""))
 
@@ -169,6 +186,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, ShardError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    except (ConfigError, ShardError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -143,3 +143,12 @@ def test_demo_config_builds_its_corpus_when_missing(tmp_path):
     assert "building the demo corpus" in result.stdout
     assert (data_dir / "manifest.json").is_file() and list(data_dir.glob("demo_train_*.bin"))
     assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r] == [0, 1]
+
+
+def test_diverging_run_stops_with_a_clear_error(tiny_shards, tmp_path):
+    result = subprocess.run([sys.executable, *train_args(tiny_shards, tmp_path, "--train.max_steps=6",
+                                                         "--train.eval_interval=0", "--optim.lr=1e6",
+                                                         "--optim.grad_clip=0", "--optim.warmup_steps=1")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "training diverged" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("ckpt_*.pt"))  # a diverged model is not saved as if it were the result
