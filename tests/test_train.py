@@ -116,7 +116,7 @@ def test_two_torchrun_nodes_train_together(tiny_shards, single_run, tmp_path):
     assert max_param_diff(final_params(out, 3), final_params(single_run, 3)) <= 1e-5
 
 
-def test_bad_config_key_and_bad_shard_are_clear_errors(tiny_shards, tmp_path):
+def test_bad_config_key_and_bad_shard_stop_with_a_message(tiny_shards, tmp_path):
     bad = subprocess.run([sys.executable, "train_gpt2.py", "--model.n_layers=3"], cwd=ROOT, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unknown config key 'model.n_layers'" in bad.stderr
@@ -145,7 +145,7 @@ def test_demo_config_builds_its_corpus_when_missing(tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r] == [0, 1]
 
 
-def test_diverging_run_stops_with_a_clear_error(tiny_shards, tmp_path):
+def test_diverging_run_stops_and_says_why(tiny_shards, tmp_path):
     result = subprocess.run([sys.executable, *train_args(tiny_shards, tmp_path, "--train.max_steps=6",
                                                          "--train.eval_interval=0", "--optim.lr=1e6",
                                                          "--optim.grad_clip=0", "--optim.warmup_steps=1")],
