@@ -527,23 +527,28 @@ def build_corpus(source: Source, output_dir: str | Path, *, prefix: str, shard_s
         resumed = writer.written
         # The pool first, to fork before the source or tqdm start threads; the source next, so that a dataset
         # which cannot be reached fails before a progress bar is drawn.
-        with _maybe_pool(workers) as pool:
-            if state.shards and show_progress:
-                print(f"continuing after {len(state.shards)} shards: reading past the {state.docs_done:,} documents "
-                      "already in them (without tokenizing them)")
-            docs = _opened(_skip_written(iter(source), state))
-            with tqdm(desc=f"tokenizing -> {output_dir}", unit="tok", unit_scale=True, initial=resumed,
-                      disable=not show_progress) as bar:
-                next_doc, start, chunk = state.docs_done, state.carry, None
-                for docs_, tokens, lengths in _tokenized(_chunks(docs, chunk_chars), pool, 2 * workers):
-                    chunk = _Chunk(next_doc, docs_, tokens, np.cumsum(lengths))
-                    writer.add(chunk, start)
-                    bar.update(len(tokens) - start)
-                    next_doc, start = next_doc + len(docs_), 0
-                    bar.set_postfix(docs=next_doc, shards=len(state.shards), refresh=False)
-                writer.finish(chunk)
-        if not state.shards:
-            raise CorpusError(f"the input ({source.describe()['kind']}) holds no documents")
+        try:
+            with _maybe_pool(workers) as pool:
+                if state.shards and show_progress:
+                    print(f"continuing after {len(state.shards)} shards: reading past the {state.docs_done:,} documents "
+                          "already in them (without tokenizing them)")
+                docs = _opened(_skip_written(iter(source), state))
+                with tqdm(desc=f"tokenizing -> {output_dir}", unit="tok", unit_scale=True, initial=resumed,
+                          disable=not show_progress) as bar:
+                    next_doc, start, chunk = state.docs_done, state.carry, None
+                    for docs_, tokens, lengths in _tokenized(_chunks(docs, chunk_chars), pool, 2 * workers):
+                        chunk = _Chunk(next_doc, docs_, tokens, np.cumsum(lengths))
+                        writer.add(chunk, start)
+                        bar.update(len(tokens) - start)
+                        next_doc, start = next_doc + len(docs_), 0
+                        bar.set_postfix(docs=next_doc, shards=len(state.shards), refresh=False)
+                    writer.finish(chunk)
+            if not state.shards:
+                raise CorpusError(f"the input ({source.describe()['kind']}) holds no documents")
+        except BaseException:
+            if not state.shards:  # nothing written (e.g. the source could not be reached): leave no trace
+                (output_dir / PROGRESS).unlink(missing_ok=True)
+            raise
         manifest = _manifest(state)
         atomic_write_text(output_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         (output_dir / PROGRESS).unlink()
