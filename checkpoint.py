@@ -47,13 +47,26 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def find_latest(out_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest step in out_dir, or None. Temporary files never match."""
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The checkpoints in out_dir, oldest step first. Temporary files never match."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(out_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in out_dir, or None."""
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep 0: delete none)."""
+    if keep > 0:
+        for path in list_checkpoints(out_dir)[:-keep]:
+            path.unlink()
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:

@@ -53,7 +53,8 @@ class TrainConfig:
     sample_interval: int = 250  # print text samples every N steps; 0 disables
     sample_tokens: int = 32
     sample_prompt: str = "Hello, I'm a language model,"
-    checkpoint_interval: int = 0  # also save every N steps; the final step is always saved
+    checkpoint_interval: int = 1000  # save every N steps (0: only the final step, which is always saved)
+    keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
 
 

@@ -177,6 +177,7 @@ def main(argv: list[str]) -> None:
                      "config": to_dict(cfg), "train_loader": train_loader.state_dict(),
                      "world_size": dist_info.world_size}
             path = checkpoint.save_checkpoint(checkpoint.checkpoint_path(out_dir, step + 1), state)
+            checkpoint.prune_checkpoints(out_dir, cfg.train.keep_checkpoints)
             print(f"saved {path}")
 
     logger.close()

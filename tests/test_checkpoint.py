@@ -5,7 +5,8 @@ import pickle
 import pytest
 import torch
 
-from checkpoint import CheckpointError, checkpoint_path, find_latest, load_checkpoint, load_model, save_checkpoint
+from checkpoint import (CheckpointError, checkpoint_path, find_latest, load_checkpoint, load_model, prune_checkpoints,
+                        save_checkpoint)
 from config import Config, to_dict
 from model import GPT, GPTConfig
 
@@ -33,6 +34,10 @@ def test_find_latest_takes_the_highest_step_and_ignores_temporary_files(tmp_path
         save_checkpoint(checkpoint_path(tmp_path, step), tiny_state(step))
     (tmp_path / ".ckpt_000099.pt.tmp.123").write_bytes(b"partial")
     assert find_latest(tmp_path).name == "ckpt_000012.pt"
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_000009.pt", "ckpt_000012.pt"]
+    prune_checkpoints(tmp_path, keep=0)  # 0 keeps everything
+    assert len(list(tmp_path.glob("ckpt_*"))) == 2
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

@@ -71,7 +71,8 @@ def test_training_runs_logs_and_loss_falls(tiny_shards, tmp_path):
     out = tmp_path / "run"
     result = run([sys.executable, *train_args(tiny_shards, out, "--train.max_steps=25", "--train.eval_interval=10",
                                               "--train.val_steps=2", "--train.sample_interval=20",
-                                              "--train.sample_tokens=4", "--optim.lr=3e-3")])
+                                              "--train.sample_tokens=4", "--optim.lr=3e-3",
+                                              "--train.checkpoint_interval=10", "--train.keep_checkpoints=2")])
     records = metrics(out)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(25))
@@ -85,6 +86,7 @@ def test_training_runs_logs_and_loss_falls(tiny_shards, tmp_path):
     assert "sample: \"Hello, I'm a language model," in result.stdout
     assert "| MFU " in result.stdout and "tok/s" in result.stdout
     # The final checkpoint loads back into the model that was trained, through the shared loading code.
+    assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_000020.pt", "ckpt_000025.pt"]  # 10 pruned
     model, meta = load_model(out)
     assert meta["step"] == 25 and model.config.n_layer == 2
     assert json.loads((out / "train_config.json").read_text())["train"]["max_steps"] == 25
