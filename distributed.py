@@ -68,6 +68,17 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def master_decides(flag: bool) -> bool:
+    """Rank 0's flag on every rank: for choices made from local measurements, which may differ between ranks."""
+    if dist.is_initialized():
+        tensor = torch.tensor([float(flag)])
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.broadcast(tensor, src=0)
+        return bool(tensor.item())
+    return flag
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

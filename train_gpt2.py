@@ -39,7 +39,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
         bf16_faster = measure_cpu_matmul_tflops(torch.bfloat16, 256, 2) > measure_cpu_matmul_tflops(torch.float32, 256, 2)
-        return torch.bfloat16 if bf16_faster else torch.float32
+        return torch.bfloat16 if distributed.master_decides(bf16_faster) else torch.float32  # one dtype on all ranks
     return torch.float32
 
 

@@ -1,3 +1,4 @@
+import socket
 import sysconfig
 from pathlib import Path
 
@@ -19,3 +20,11 @@ def tiny_shards(tmp_path_factory) -> Path:
     write_shard(out / "tiny_train_000000.bin", tokens[8192:40000])
     write_shard(out / "tiny_train_000001.bin", tokens[40000:])
     return out
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

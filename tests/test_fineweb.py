@@ -17,7 +17,7 @@ import pytest
 
 import corpus
 from corpus import CorpusError, HubDataset, LocalFiles, build_corpus, build_demo_corpus, is_complete, resolve_inputs
-from data import list_shards, read_shard
+from data import ShardLoader, list_shards, read_shard
 from tokenizer import EOT_ID, decode, get_encoding
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,12 +144,9 @@ def test_spawned_workers_give_the_same_output(inputs, cli_run, tmp_path):
 
 
 def test_shard_loader_reads_the_text_back(inputs, cli_run):
-    data = pytest.importorskip("data")
-    if not hasattr(data, "ShardLoader"):
-        pytest.skip("data.ShardLoader not written yet")
     docs, _ = inputs
     B, T = 2, 64
-    loader = data.ShardLoader(cli_run, "train", B, T, shuffle=False)
+    loader = ShardLoader(cli_run, "train", B, T, shuffle=False)
     stream = expected_tokens(docs)[VAL:]
     steps = (len(stream) - 1) // (B * T)
     xs = []

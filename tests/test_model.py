@@ -1,6 +1,7 @@
 """The model against independent references: transformers' GPT-2, explicit attention, GPT-2's init rules."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
 
 
 def test_matches_transformers_gpt2(tmp_path):
-    transformers = pytest.importorskip("transformers")  # in requirements-dev.txt, so CI always has it
+    import transformers  # the independent reference; in requirements-dev.txt
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(n_positions=64, vocab_size=500, n_layer=3, n_head=4, n_embd=64,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -33,11 +34,16 @@ def test_matches_transformers_gpt2(tmp_path):
 
 
 def test_from_pretrained_missing_hub_model_is_one_clear_error(monkeypatch):
-    pytest.importorskip("transformers")
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
     with pytest.raises(OSError, match="could not load GPT-2 weights 'gpt2-not-a-model'"):
         GPT.from_pretrained("gpt2-not-a-model")
+
+
+def test_from_pretrained_without_transformers_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install transformers"):
+        GPT.from_pretrained("gpt2")
 
 
 def test_attention_is_causal_and_matches_explicit_softmax():

@@ -6,7 +6,6 @@ accumulation it sees the same tokens per step, so it must end with the same para
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -50,12 +49,6 @@ def final_params(out_dir: Path, steps: int) -> dict[str, torch.Tensor]:
 def max_param_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +96,9 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(tiny_shards, si
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-def test_two_torchrun_nodes_train_together(tiny_shards, single_run, tmp_path):
+def test_two_torchrun_nodes_train_together(tiny_shards, single_run, tmp_path, free_port):
     out = tmp_path / "multinode"
-    port, run_id = free_port(), uuid.uuid4().hex[:8]
+    port, run_id = free_port, uuid.uuid4().hex[:8]
     node_args = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                          f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
                          *train_args(tiny_shards, out, "--train.max_steps=3", "--train.eval_interval=0"))
