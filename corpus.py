@@ -19,14 +19,15 @@ import hashlib
 import importlib
 import itertools
 import json
-import multiprocessing
 import os
 import platform
 import re
 import signal
 import sysconfig
+import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -277,36 +278,60 @@ def _chunks(docs: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _tokenized(chunks: Iterator[list[str]], pool, window: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+def _tokenized(chunks: Iterator[list[str]], pool: ProcessPoolExecutor | None,
+               window: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
     """(docs, tokens, lengths) for each chunk, in input order; pool None tokenizes in this process."""
     if pool is None:
         for docs in chunks:
             yield docs, *tokenize_documents(docs)
         return
-    # At most `window` tasks in flight: Pool.imap would read the whole, possibly endless, source ahead.
-    pending = deque()
-    for docs in chunks:
-        pending.append((docs, pool.apply_async(tokenize_documents, (docs,))))
-        if len(pending) >= window:
-            docs, result = pending.popleft()
-            yield docs, *result.get()
-    while pending:
-        docs, result = pending.popleft()
-        yield docs, *result.get()
+    # At most `window` tasks in flight: mapping over the whole source would read an endless stream ahead.
+    pending: deque[tuple[list[str], Future]] = deque()
+    try:
+        for docs in chunks:
+            pending.append((docs, pool.submit(tokenize_documents, docs)))
+            if len(pending) >= window:
+                docs, future = pending.popleft()
+                yield docs, *future.result()
+        while pending:
+            docs, future = pending.popleft()
+            yield docs, *future.result()
+    finally:
+        for _, future in pending:  # on an error or an interrupt: nothing queued is started any more
+            future.cancel()
 
 
 @contextlib.contextmanager
 def _maybe_pool(workers: int):
+    """A process pool of `workers` tokenizers (None for one: tokenize in this process).
+
+    concurrent.futures rather than multiprocessing.Pool: Pool.terminate() can deadlock when a build is interrupted
+    (its task-handler thread blocks on the queue's lock while the main thread joins it). Here, on any exit, queued
+    tasks are cancelled and shutdown waits only for the few tasks already running (a fraction of a second each).
+    """
     if workers <= 1:
         yield None
         return
-    with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
+    try:
+        pool.submit(int).result()  # starts the workers now, before the source or tqdm start threads
         yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ignore_sigint() -> None:
+def _init_worker(parent_pid: int) -> None:
     # Ctrl-C reaches every process in the group: let the main process alone handle it (it ends the pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """A worker whose main process was killed (SIGKILL, OOM) exits too, rather than wait forever on a result pipe
+    while holding inherited file descriptors, the output directory's lock among them."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -172,8 +173,10 @@ def test_killed_run_resumes_byte_identical(tmp_path):
     fifo, out = tmp_path / "in.jsonl", tmp_path / "out"
     os.mkfifo(fifo)
     args = ["--input", fifo, "--output", out, "--shard-size", 20_000, "--val-tokens", 50_000, "--workers", 2]
-    proc = subprocess.Popen([sys.executable, str(REPO / "fineweb.py"), *map(str, args)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    errors = tmp_path / "stderr.txt"  # a file, not a pipe: reading a pipe of a live child could block forever
+    with open(errors, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO / "fineweb.py"), *map(str, args)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.time() + 60
         while True:  # open the FIFO once the reader has: O_NONBLOCK fails with ENXIO until then
@@ -181,7 +184,7 @@ def test_killed_run_resumes_byte_identical(tmp_path):
                 fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
                 break
             except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr and proc.stderr.read()
+                assert proc.poll() is None and time.time() < deadline, errors.read_text()
                 time.sleep(0.05)
         os.set_blocking(fd, True)
         with os.fdopen(fd, "w") as f:
@@ -189,12 +192,12 @@ def test_killed_run_resumes_byte_identical(tmp_path):
             f.flush()
             while not (out / corpus.PROGRESS).exists() or \
                     len(json.loads((out / corpus.PROGRESS).read_text())["shards"]) < 4:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+                assert proc.poll() is None and time.time() < deadline, errors.read_text()
                 time.sleep(0.05)
             proc.kill()
-            proc.wait()
     finally:
         proc.kill()
+        proc.wait()
     assert not (out / "manifest.json").exists()
     partial = json.loads((out / corpus.PROGRESS).read_text())
     assert partial["docs_done"] < cut
@@ -352,3 +355,53 @@ def test_full_demo_corpus(tmp_path):
     assert manifest["splits"]["train"]["docs"] > 500
     train = [s["tokens"] for s in manifest["shards"] if s["split"] == "train"]
     assert all(n == corpus.DEMO_SHARD_SIZE for n in train[:-1]) and 0 < train[-1] <= corpus.DEMO_SHARD_SIZE
+
+
+# ---- interrupting a build never hangs -----------------------------------------------------------------------------
+
+def test_interrupting_a_multi_worker_build_always_finishes(inputs, tmp_path, monkeypatch):
+    """An error or Ctrl-C while the workers are busy shuts the pool down promptly, every time, at any point."""
+    _, args = inputs
+    source = LocalFiles(tuple(resolve_inputs(args)))
+    add = corpus._ShardWriter.add
+    for attempt in range(12):
+        calls = 0
+
+        def interrupted_add(self, chunk, start=0, after=attempt % 6):
+            nonlocal calls
+            calls += 1
+            if calls > after:
+                raise KeyboardInterrupt
+            add(self, chunk, start)
+
+        monkeypatch.setattr(corpus._ShardWriter, "add", interrupted_add)
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            build_corpus(source, tmp_path / str(attempt), prefix="demo", shard_size=SHARD, val_tokens=VAL, workers=2,
+                         chunk_chars=500, show_progress=False)
+        assert time.monotonic() - started < 30, f"attempt {attempt}: the interrupted build took too long to stop"
+
+
+def test_ctrl_c_during_a_cli_build_exits_promptly(tmp_path):
+    """SIGINT to a running 2-worker `fineweb.py --demo`, several times: each exits 130 with one line, no traceback."""
+    for attempt in range(4):
+        log = tmp_path / f"out{attempt}.txt"
+        with open(log, "w") as out:
+            # small shards: each is written and fsynced, so the build lasts a few seconds
+            proc = subprocess.Popen([sys.executable, "fineweb.py", "--demo", "--output", str(tmp_path / str(attempt)),
+                                     "--workers", "2", "--shard-size", "20000"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 60
+            while "docs=" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.15 * attempt)  # interrupt at different points of the build
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+        text = log.read_text()
+        assert code == 130, text
+        assert "run the same command again" in text
+        assert "Traceback" not in text
