@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import data
-from corpus import available_cpus, build_corpus, demo_source, stdlib_sources
-from tokenizer import get_encoding
+from pretrain.loader import ShardLoader
+from pretrain.shard_builder import available_cpus, build_corpus
+from pretrain.sources import demo_source, stdlib_sources
+from pretrain.tokenizer import get_encoding
 
 
 def bench_pipeline(files: list[Path], workers: int, repeats: int, out_dir: Path) -> Path:
@@ -49,7 +50,7 @@ def bench_pipeline(files: list[Path], workers: int, repeats: int, out_dir: Path)
 
 
 def loader_rate(data_dir: Path, batch_size: int, seq_len: int, shuffle: bool, batches: int) -> float:
-    loader = data.ShardLoader(data_dir, "train", batch_size, seq_len, shuffle=shuffle)
+    loader = ShardLoader(data_dir, "train", batch_size, seq_len, shuffle=shuffle)
     loader.next_batch()  # warm-up: page in the first shard
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -58,9 +59,6 @@ def loader_rate(data_dir: Path, batch_size: int, seq_len: int, shuffle: bool, ba
 
 
 def bench_loader(data_dir: Path, batch_size: int, seq_len: int, batches: int) -> None:
-    if not hasattr(data, "ShardLoader"):  # written in another change, which may not be in yet
-        print("[loader] skipped: data.ShardLoader does not exist yet")
-        return
     shuffled = loader_rate(data_dir, batch_size, seq_len, True, batches)
     ordered = loader_rate(data_dir, batch_size, seq_len, False, batches)
     tokens = batch_size * seq_len

@@ -15,8 +15,17 @@ import re
 import sys
 from pathlib import Path
 
-from corpus import (DEFAULT_SHARD_SIZE, DEFAULT_VAL_TOKENS, DEMO_DIR, DEMO_SHARD_SIZE, DEMO_VAL_TOKENS, BuildResult,
-                    CorpusError, HubDataset, LocalFiles, available_cpus, build_corpus, demo_source, resolve_inputs)
+from pretrain.shard_builder import (
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_VAL_TOKENS,
+    DEMO_DIR,
+    DEMO_SHARD_SIZE,
+    DEMO_VAL_TOKENS,
+    BuildResult,
+    available_cpus,
+    build_corpus,
+)
+from pretrain.sources import CorpusError, HubDataset, LocalFiles, demo_source, resolve_inputs
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_CONFIG = "sample-10BT"
@@ -43,7 +52,8 @@ def token_count(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source (default: the Hugging Face dataset)")
-    src.add_argument("--dataset", help=f"Hugging Face dataset, or a local dataset directory (default {DEFAULT_DATASET})")
+    src.add_argument("--dataset",
+                     help=f"Hugging Face dataset, or a local dataset directory (default {DEFAULT_DATASET})")
     src.add_argument("--name", "--config", dest="config", help=f"dataset config (default {DEFAULT_CONFIG})")
     src.add_argument("--split", default="train", help="dataset split (default train)")
     src.add_argument("--input", nargs="+", action="extend", metavar="FILE_OR_GLOB",

@@ -17,11 +17,11 @@ from torch.nn import functional as F
 class GPTConfig:
     block_size: int = 1024  # longest sequence the position embedding covers
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls, padded ids never targets
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block; n_embd must divide by it
+    n_embd: int = 768  # width of the residual stream
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on embeddings, attention and residual branches (0 for pretraining)
 
 
 class CausalSelfAttention(nn.Module):
@@ -177,7 +177,8 @@ class GPT(nn.Module):
             if os.path.isdir(name_or_dir):
                 raise
             raise OSError(f"could not load GPT-2 weights '{name_or_dir}' from the Hugging Face Hub (no network, or "
-                          f"no such model): pass a directory written by save_pretrained instead ({e.__class__.__name__})") from None
+                          "no such model): pass a directory written by save_pretrained instead "
+                          f"({e.__class__.__name__})") from None
         hf_config = hf_model.config
         if getattr(hf_config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{name_or_dir}: activation {hf_config.activation_function} is not GPT-2's tanh GELU")
@@ -195,7 +196,8 @@ class GPT(nn.Module):
             if key.endswith(conv1d):
                 src = src.t()
             if src.shape != state[key].shape:
-                raise ValueError(f"{name_or_dir}: {key} has shape {tuple(src.shape)}, expected {tuple(state[key].shape)}")
+                raise ValueError(f"{name_or_dir}: {key} has shape {tuple(src.shape)}, "
+                                 f"expected {tuple(state[key].shape)}")
             with torch.no_grad():
                 state[key].copy_(src)
         return model

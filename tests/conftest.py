@@ -1,12 +1,69 @@
+"""Shared test helpers and fixtures: the repository root, running a program with a time limit, reading a run's
+metrics, and small shards of real text. Tests import the helpers with `from conftest import ...`."""
+
+import contextlib
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import tokenizer
-from data import write_shard
+from pretrain import tokenizer
+from pretrain.shards import write_shard
+
+ROOT = Path(__file__).resolve().parent.parent
+# One thread per process: tests often run several processes on a 2-core machine.
+QUIET_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(*args, timeout: float = 300, check: bool = True, env: dict | None = None,
+               cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` (or `python -m torch.distributed.run ...` when args start with "-m") from the repository
+    root and return its output. A run past `timeout` seconds is killed with all its children and fails the test."""
+    cmd = [sys.executable, *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **QUIET_ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout} s and was killed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if check:
+        assert result.returncode == 0, f"{cmd} failed:\n{stdout[-5000:]}\n{stderr[-5000:]}"
+    return result
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a process started with start_new_session=True and every process it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def started(*args, log: Path, env: dict | None = None):
+    """Start `python ARGS...` in the background with its output in the file `log` (a file, never a pipe: reading
+    a live child's pipe can block forever); yield the Popen. On leaving, it and its children are killed."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **QUIET_ENV, **(env or {})}, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        kill_group(proc)
+        proc.wait()
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,17 @@ import pickle
 import pytest
 import torch
 
-from checkpoint import (CheckpointError, checkpoint_path, find_latest, load_checkpoint, load_model, prune_checkpoints,
-                        save_checkpoint)
-from config import Config, to_dict
 from model import GPT, GPTConfig
+from pretrain.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    find_latest,
+    load_checkpoint,
+    load_model,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from pretrain.config import Config, to_dict
 
 
 def tiny_state(step: int = 7) -> dict:

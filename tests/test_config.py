@@ -1,15 +1,10 @@
 """Configuration: TOML + overrides into typed dataclasses, helpful errors, shipped configs, the LR schedule."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import ROOT, run_script
 
-from config import Config, ConfigError, grad_accum_steps, load_config, valid_keys
-from schedule import lr_at
-
-ROOT = Path(__file__).resolve().parent.parent
+from pretrain.config import Config, ConfigError, grad_accum_steps, load_config, valid_keys
+from pretrain.schedule import lr_at
 
 
 def write(tmp_path, text: str) -> str:
@@ -84,10 +79,12 @@ def test_124M_config_is_the_reference_recipe():
 
 
 def test_help_lists_every_key_with_its_default():
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    out = run_script("train_gpt2.py", "--help").stdout
+    assert out.startswith("usage: train_gpt2.py")
+    lines = out.splitlines()
     for key in valid_keys():
-        assert f"--{key}=" in out
+        line = next(i for i, text in enumerate(lines) if text.strip().startswith(f"--{key}="))
+        assert len(lines[line + 1].strip()) > 10, f"--{key} has no help line"  # what the key means
     assert "--optim.lr=0.0006" in out and "--data.total_batch_tokens=524288" in out
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from data import ShardError, ShardLoader, document_starts, read_shard, write_shard
-from tokenizer import EOT_ID
-
+from pretrain import loader as loader_module
+from pretrain.loader import ShardLoader, document_starts
+from pretrain.shards import ShardError, read_shard, write_shard
+from pretrain.tokenizer import EOT_ID
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ def test_npy_shards_are_read(tmp_path: Path) -> None:
     ([], []),
 ])
 def test_document_starts(monkeypatch: pytest.MonkeyPatch, tokens: list[int], starts: list[int]) -> None:
-    monkeypatch.setattr(data, "SCAN_CHUNK", 2)  # documents that straddle scan chunks
+    monkeypatch.setattr(loader_module, "SCAN_CHUNK", 2)  # documents that straddle scan chunks
     assert document_starts(np.array(tokens, dtype=np.uint16)).tolist() == starts
 
 

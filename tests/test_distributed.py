@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import distributed
+from pretrain import distributed
 
 
 def _worker(rank: int, port: int, results) -> None:

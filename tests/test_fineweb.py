@@ -1,4 +1,4 @@
-"""fineweb.py and corpus.py: local files -> token shards, determinism, resuming, errors, the demo corpus."""
+"""fineweb.py and the shard builder: local files -> token shards, determinism, resuming, errors, the demo corpus."""
 
 import gzip
 import hashlib
@@ -15,13 +15,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, started
 
-import corpus
-from corpus import CorpusError, HubDataset, LocalFiles, build_corpus, build_demo_corpus, is_complete, resolve_inputs
-from data import ShardLoader, list_shards, read_shard
-from tokenizer import EOT_ID, decode, get_encoding
+from pretrain import shard_builder, sources
+from pretrain.loader import ShardLoader
+from pretrain.shard_builder import build_corpus, build_demo_corpus, is_complete
+from pretrain.shards import list_shards, read_shard
+from pretrain.sources import CorpusError, HubDataset, LocalFiles, resolve_inputs
+from pretrain.tokenizer import EOT_ID, decode, get_encoding
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SHARD, VAL = 4000, 10_000  # small shards: val is 4000 + 4000 + 2000 tokens, then train shards
 
@@ -44,7 +47,7 @@ def all_tokens(out: Path) -> np.ndarray:
 
 def output_files(out: Path) -> dict[str, bytes]:
     """Every file a build leaves (shards and manifest), by name; the lock file is not output."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != corpus.LOCK}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != shard_builder.LOCK}
 
 
 def run_cli(*args, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -109,7 +112,7 @@ def test_cli_shards_hold_every_document_in_order(inputs, cli_run):
 def test_manifest_matches_the_files(inputs, cli_run):
     docs, _ = inputs
     manifest = json.loads((cli_run / "manifest.json").read_text())
-    assert not (cli_run / corpus.PROGRESS).exists()
+    assert not (cli_run / shard_builder.PROGRESS).exists()
     shard_files = sorted(p.name for p in cli_run.glob("*.bin"))
     assert sorted(s["name"] for s in manifest["shards"]) == shard_files
     for shard in manifest["shards"]:
@@ -120,7 +123,8 @@ def test_manifest_matches_the_files(inputs, cli_run):
     assert manifest["splits"]["val"] == {"shards": 3, "tokens": VAL, "docs": int((stream[:VAL] == EOT_ID).sum())}
     assert manifest["splits"]["train"]["tokens"] == len(stream) - VAL
     assert manifest["splits"]["val"]["docs"] + manifest["splits"]["train"]["docs"] == len(docs)
-    assert manifest["tokenizer"]["ranks_sha256"] == hashlib.sha256((REPO / "assets/gpt2.tiktoken").read_bytes()).hexdigest()
+    ranks = (REPO / "pretrain/assets/gpt2.tiktoken").read_bytes()
+    assert manifest["tokenizer"]["ranks_sha256"] == hashlib.sha256(ranks).hexdigest()
     assert manifest["shard_size"] == SHARD and manifest["source"]["kind"] == "files"
 
 
@@ -165,7 +169,7 @@ def test_shard_loader_reads_the_text_back(inputs, cli_run):
 
 def test_killed_run_resumes_byte_identical(tmp_path):
     """SIGKILL a CLI run mid-stream (its input is a FIFO, so it cannot finish first), then run it again."""
-    docs = [p.read_text(encoding="utf-8") for p in corpus.stdlib_sources()[:300]]
+    docs = [p.read_text(encoding="utf-8") for p in sources.stdlib_sources()[:300]]
     lines = [json.dumps({"text": doc}) + "\n" for doc in docs]
     sizes = np.cumsum([len(line) for line in lines])
     cut = int(np.searchsorted(sizes, 1_300_000))  # > 4 tasks in flight of CHUNK_CHARS: shards get written
@@ -190,8 +194,8 @@ def test_killed_run_resumes_byte_identical(tmp_path):
         with os.fdopen(fd, "w") as f:
             f.writelines(lines[:cut])
             f.flush()
-            while not (out / corpus.PROGRESS).exists() or \
-                    len(json.loads((out / corpus.PROGRESS).read_text())["shards"]) < 4:
+            while not (out / shard_builder.PROGRESS).exists() or \
+                    len(json.loads((out / shard_builder.PROGRESS).read_text())["shards"]) < 4:
                 assert proc.poll() is None and time.time() < deadline, errors.read_text()
                 time.sleep(0.05)
             proc.kill()
@@ -199,7 +203,7 @@ def test_killed_run_resumes_byte_identical(tmp_path):
         proc.kill()
         proc.wait()
     assert not (out / "manifest.json").exists()
-    partial = json.loads((out / corpus.PROGRESS).read_text())
+    partial = json.loads((out / shard_builder.PROGRESS).read_text())
     assert partial["docs_done"] < cut
 
     fifo.unlink()
@@ -218,12 +222,12 @@ def test_crash_between_shard_and_progress_resumes_byte_identical(inputs, cli_run
     _, args = inputs
     source = LocalFiles(tuple(resolve_inputs(args)))
     # Saves: the start, then shards 1-4; the 5th shard is written, then the crash comes before it is recorded.
-    monkeypatch.setattr(corpus.Progress, "save", _fail_after(5, corpus.Progress.save))
+    monkeypatch.setattr(shard_builder.Progress, "save", _fail_after(5, shard_builder.Progress.save))
     with pytest.raises(KeyboardInterrupt):
         build_corpus(source, tmp_path, prefix="demo", shard_size=SHARD, val_tokens=VAL, workers=2, chunk_chars=3000,
                      show_progress=False)
     monkeypatch.undo()
-    assert len(json.loads((tmp_path / corpus.PROGRESS).read_text())["shards"]) == 4
+    assert len(json.loads((tmp_path / shard_builder.PROGRESS).read_text())["shards"]) == 4
     assert (tmp_path / "demo_train_000001.bin").exists()  # the 5th shard, on disk but not in the progress
 
     with pytest.raises(CorpusError, match="shard_size"):  # other arguments: refused, nothing touched
@@ -242,7 +246,7 @@ def test_crash_between_shard_and_progress_resumes_byte_identical(inputs, cli_run
 def test_resume_refuses_changed_input(tmp_path, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(40)))
-    monkeypatch.setattr(corpus.Progress, "save", _fail_after(3, corpus.Progress.save))
+    monkeypatch.setattr(shard_builder.Progress, "save", _fail_after(3, shard_builder.Progress.save))
     with pytest.raises(KeyboardInterrupt):
         build_corpus(LocalFiles((src,)), tmp_path / "out", prefix="x", shard_size=500, val_tokens=0,
                      show_progress=False, workers=1)
@@ -328,11 +332,11 @@ def test_hub_source_streams_a_local_dataset(tmp_path):
 # ---- the demo corpus --------------------------------------------------------------------------------------------
 
 def test_demo_corpus_from_a_few_files(tmp_path, monkeypatch):
-    everything = [p.relative_to(STDLIB) for p in corpus.stdlib_sources()]
+    everything = [p.relative_to(STDLIB) for p in sources.stdlib_sources()]
     assert len(everything) > 500 and everything == sorted(everything, key=Path.as_posix)
     assert not [p for p in everything if {"test", "tests", "site-packages"} & set(p.parts[:-1])
                 or p.name.startswith("_sysconfigdata") or p.parts[0].startswith("config-")]
-    files = corpus.stdlib_sources()[:12]
+    files = sources.stdlib_sources()[:12]
     out = build_demo_corpus(tmp_path / "demo", workers=2, files=files, shard_size=5000, val_tokens=3000,
                             show_progress=False)
     assert is_complete(out)
@@ -340,7 +344,7 @@ def test_demo_corpus_from_a_few_files(tmp_path, monkeypatch):
     np.testing.assert_array_equal(all_tokens(out), expected_tokens(docs))
     assert len(read_shard(list_shards(out, "val")[0])) == 3000
 
-    monkeypatch.setattr(corpus, "build_corpus", lambda *a, **k: pytest.fail("rebuilt a complete corpus"))
+    monkeypatch.setattr(shard_builder, "build_corpus", lambda *a, **k: pytest.fail("rebuilt a complete corpus"))
     assert build_demo_corpus(out, files=files) == out  # complete: returns without building
     list_shards(out, "train")[0].unlink()
     assert not is_complete(out)
@@ -351,10 +355,11 @@ def test_full_demo_corpus(tmp_path):
     out = build_demo_corpus(tmp_path / "demo", show_progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert 3_000_000 < sum(s["tokens"] for s in manifest["shards"]) < 10_000_000
-    assert manifest["splits"]["val"]["tokens"] == corpus.DEMO_VAL_TOKENS
+    assert manifest["splits"]["val"]["tokens"] == shard_builder.DEMO_VAL_TOKENS
     assert manifest["splits"]["train"]["docs"] > 500
     train = [s["tokens"] for s in manifest["shards"] if s["split"] == "train"]
-    assert all(n == corpus.DEMO_SHARD_SIZE for n in train[:-1]) and 0 < train[-1] <= corpus.DEMO_SHARD_SIZE
+    assert all(n == shard_builder.DEMO_SHARD_SIZE for n in train[:-1])
+    assert 0 < train[-1] <= shard_builder.DEMO_SHARD_SIZE
 
 
 # ---- interrupting a build never hangs -----------------------------------------------------------------------------
@@ -363,7 +368,7 @@ def test_interrupting_a_multi_worker_build_always_finishes(inputs, tmp_path, mon
     """An error or Ctrl-C while the workers are busy shuts the pool down promptly, every time, at any point."""
     _, args = inputs
     source = LocalFiles(tuple(resolve_inputs(args)))
-    add = corpus._ShardWriter.add
+    add = shard_builder._ShardWriter.add
     for attempt in range(12):
         calls = 0
 
@@ -374,7 +379,7 @@ def test_interrupting_a_multi_worker_build_always_finishes(inputs, tmp_path, mon
                 raise KeyboardInterrupt
             add(self, chunk, start)
 
-        monkeypatch.setattr(corpus._ShardWriter, "add", interrupted_add)
+        monkeypatch.setattr(shard_builder._ShardWriter, "add", interrupted_add)
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             build_corpus(source, tmp_path / str(attempt), prefix="demo", shard_size=SHARD, val_tokens=VAL, workers=2,
@@ -386,21 +391,15 @@ def test_ctrl_c_during_a_cli_build_exits_promptly(tmp_path):
     """SIGINT to a running 2-worker `fineweb.py --demo`, several times: each exits 130 with one line, no traceback."""
     for attempt in range(4):
         log = tmp_path / f"out{attempt}.txt"
-        with open(log, "w") as out:
-            # small shards: each is written and fsynced, so the build lasts a few seconds
-            proc = subprocess.Popen([sys.executable, "fineweb.py", "--demo", "--output", str(tmp_path / str(attempt)),
-                                     "--workers", "2", "--shard-size", "20000"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
+        # small shards: each is written and fsynced, so the build lasts a few seconds
+        with started("fineweb.py", "--demo", "--output", tmp_path / str(attempt), "--workers", "2", "--shard-size",
+                     "20000", log=log) as proc:
             deadline = time.monotonic() + 60
             while "docs=" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.15 * attempt)  # interrupt at different points of the build
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=30)
-        finally:
-            proc.kill()
-            proc.wait()
         text = log.read_text()
         assert code == 130, text
         assert "run the same command again" in text

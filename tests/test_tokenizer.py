@@ -6,7 +6,7 @@ import pytest
 import tiktoken_ext.openai_public as openai_public
 from tiktoken.load import load_tiktoken_bpe
 
-from tokenizer import EOT_ID, RANKS_PATH, decode, encode, get_encoding
+from pretrain.tokenizer import EOT_ID, RANKS_PATH, decode, encode, get_encoding
 
 
 @pytest.mark.parametrize("text, ids", [

@@ -5,18 +5,15 @@ accumulation it sees the same tokens per step, so it must end with the same para
 """
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics, run_script, started
 
-from checkpoint import load_checkpoint, load_model
+from pretrain.checkpoint import load_checkpoint, load_model
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32"]
 
 
@@ -27,19 +24,11 @@ def train_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
             "--train.sample_interval=0", "--optim.warmup_steps=2", "--optim.lr=1e-3", "--optim.min_lr=1e-4", *extra]
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
+    return ["-m", "torch.distributed.run", *args]
 
 
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def final_params(out_dir: Path, steps: int) -> dict[str, torch.Tensor]:
@@ -55,17 +44,16 @@ def max_param_diff(a: dict, b: dict) -> float:
 def single_run(tiny_shards, tmp_path_factory) -> Path:
     """The reference: one process, 2 accumulation steps of 4 x 32 tokens."""
     out = tmp_path_factory.mktemp("single")
-    result = run([sys.executable, *train_args(tiny_shards, out, "--train.max_steps=3", "--train.eval_interval=0")])
+    result = run_script(*train_args(tiny_shards, out, "--train.max_steps=3", "--train.eval_interval=0"))
     assert "2 accumulation steps" in result.stdout
     return out
 
 
 def test_training_runs_logs_and_loss_falls(tiny_shards, tmp_path):
     out = tmp_path / "run"
-    result = run([sys.executable, *train_args(tiny_shards, out, "--train.max_steps=25", "--train.eval_interval=10",
-                                              "--train.val_steps=2", "--train.sample_interval=20",
-                                              "--train.sample_tokens=4", "--optim.lr=3e-3",
-                                              "--train.checkpoint_interval=10", "--train.keep_checkpoints=2")])
+    result = run_script(*train_args(tiny_shards, out, "--train.max_steps=25", "--train.eval_interval=10",
+                                    "--train.val_steps=2", "--train.sample_interval=20", "--train.sample_tokens=4",
+                                    "--optim.lr=3e-3", "--train.checkpoint_interval=10", "--train.keep_checkpoints=2"))
     records = metrics(out)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(25))
@@ -87,8 +75,8 @@ def test_training_runs_logs_and_loss_falls(tiny_shards, tmp_path):
 
 def test_two_ranks_match_one_process_with_twice_the_accumulation(tiny_shards, single_run, tmp_path):
     out = tmp_path / "ddp"
-    result = run(torchrun("--standalone", "--nproc_per_node=2",
-                          *train_args(tiny_shards, out, "--train.max_steps=3", "--train.eval_interval=0")))
+    result = run_script(*torchrun("--standalone", "--nproc_per_node=2",
+                                  *train_args(tiny_shards, out, "--train.max_steps=3", "--train.eval_interval=0")))
     assert "2 ranks x 1 accumulation steps" in result.stdout
     assert max_param_diff(final_params(out, 3), final_params(single_run, 3)) <= 1e-5
     # The logged loss is the mean over micro-steps and ranks: the same number the single process logs.
@@ -102,18 +90,17 @@ def test_two_torchrun_nodes_train_together(tiny_shards, single_run, tmp_path, fr
     node_args = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                          f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
                          *train_args(tiny_shards, out, "--train.max_steps=3", "--train.eval_interval=0"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(node_args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    with started(*node_args, log=logs[0]) as node0, started(*node_args, log=logs[1]) as node1:
+        codes = [node0.wait(timeout=300), node1.wait(timeout=300)]
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(outputs)
     assert any("2 ranks x 1 accumulation steps" in o for o in outputs)
     assert max_param_diff(final_params(out, 3), final_params(single_run, 3)) <= 1e-5
 
 
 def test_bad_config_key_and_bad_shard_stop_with_a_message(tiny_shards, tmp_path):
-    bad = subprocess.run([sys.executable, "train_gpt2.py", "--model.n_layers=3"], cwd=ROOT, capture_output=True,
-                         text=True)
+    bad = run_script("train_gpt2.py", "--model.n_layers=3", check=False)
     assert bad.returncode == 2 and "unknown config key 'model.n_layers'" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -123,8 +110,7 @@ def test_bad_config_key_and_bad_shard_stop_with_a_message(tiny_shards, tmp_path)
         (data / shard.name).write_bytes(shard.read_bytes())
     train_shard = data / "tiny_train_000001.bin"
     train_shard.write_bytes(train_shard.read_bytes()[:-100])  # truncated
-    bad = subprocess.run([sys.executable, *train_args(data, tmp_path / "out", "--train.max_steps=1")], cwd=ROOT,
-                         capture_output=True, text=True)
+    bad = run_script(*train_args(data, tmp_path / "out", "--train.max_steps=1"), check=False)
     assert bad.returncode == 2 and "tiny_train_000001.bin" in bad.stderr and "truncated" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -132,18 +118,16 @@ def test_bad_config_key_and_bad_shard_stop_with_a_message(tiny_shards, tmp_path)
 def test_demo_config_builds_its_corpus_when_missing(tmp_path):
     """The README's first command on a fresh machine: no shards yet, no network; the demo corpus is built."""
     data_dir = tmp_path / "demo"
-    result = run([sys.executable, "train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}",
-                  f"--train.out_dir={tmp_path / 'run'}", "--train.max_steps=2", "--train.eval_interval=1",
-                  "--train.val_steps=1", "--train.sample_interval=0"])
+    result = run_script("train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}",
+                        f"--train.out_dir={tmp_path / 'run'}", "--train.max_steps=2", "--train.eval_interval=1",
+                        "--train.val_steps=1", "--train.sample_interval=0")
     assert "building the demo corpus" in result.stdout
     assert (data_dir / "manifest.json").is_file() and list(data_dir.glob("demo_train_*.bin"))
     assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r] == [0, 1]
 
 
 def test_diverging_run_stops_and_says_why(tiny_shards, tmp_path):
-    result = subprocess.run([sys.executable, *train_args(tiny_shards, tmp_path, "--train.max_steps=6",
-                                                         "--train.eval_interval=0", "--optim.lr=1e6",
-                                                         "--optim.grad_clip=0", "--optim.warmup_steps=1")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = run_script(*train_args(tiny_shards, tmp_path, "--train.max_steps=6", "--train.eval_interval=0",
+                                    "--optim.lr=1e6", "--optim.grad_clip=0", "--optim.warmup_steps=1"), check=False)
     assert result.returncode == 2 and "training diverged" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("ckpt_*.pt"))  # a diverged model is not saved as if it were the result

@@ -27,32 +27,22 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(preference)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
+def local_rank() -> int:
+    """This process's GPU index on its node (0 when not launched by torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def setup(device_preference: str = "auto") -> DistInfo:
-    """Join the torchrun process group if launched by torchrun, and pick this process's device."""
+def setup(device: torch.device) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun (device: this process's, see runtime.pick_device)."""
     if "RANK" not in os.environ:
-        return DistInfo(rank=0, local_rank=0, world_size=1, device=pick_device(device_preference))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    device = pick_device(device_preference, local_rank)
+        return DistInfo(rank=0, local_rank=0, world_size=1, device=device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl", device_id=device)
     else:
         dist.init_process_group(backend="gloo")
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return DistInfo(rank=rank, local_rank=local_rank(), world_size=world_size, device=device)
 
 
 def teardown() -> None:

@@ -1,12 +1,12 @@
 """Throughput, model FLOPs utilisation and the per-step metrics log (stdout + one JSON object per line)."""
 
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from model import GPT
+from pretrain.runtime import measure_matmul_tflops
 
 # Dense bf16 peaks per device, TFLOP/s (vendor datasheets; the 2:4-sparse figures are twice these).
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.2,
@@ -20,21 +20,6 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
     return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
-def measure_cpu_matmul_tflops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
-    """What this CPU does on a square matmul in `dtype`, best of `repeats` (the machine may be busy): the peak
-    for CPU MFU, and the test of whether bfloat16 helps here (with AMX or AVX512-BF16 it is several times faster
-    than float32; without, far slower)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
-
-
 def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> float | None:
     """The per-device peak that MFU is measured against: the configured value, else a known GPU's datasheet
     bf16 figure, else (CPU) a measured matmul. None when unknown (MFU then is not reported)."""
@@ -44,7 +29,7 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.
         name = torch.cuda.get_device_name(device)
         return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
     if device.type == "cpu":
-        return measure_cpu_matmul_tflops(dtype)
+        return measure_matmul_tflops(dtype)
     return None
 
 

@@ -3,11 +3,12 @@
     python train_gpt2.py --config configs/gpt2-124M.toml --optim.lr=3e-4 --train.max_steps 100
 
 Every key lives in one section ([model], [data], [optim], [train]); an unknown key or a value of the wrong
-type stops with an error that names it and lists what is valid.
+type stops with an error that names it and lists what is valid. The comment beside each field is its --help line.
 """
 
 import dataclasses
-import sys
+import inspect
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -24,18 +25,18 @@ class DataConfig:
     micro_batch_size: int = 64  # sequences per forward/backward on one device
     total_batch_tokens: int = 524288  # tokens per optimizer step over all devices; 2**19 ~ 0.5M (GPT-3 125M)
     shuffle: bool = True  # permute shards and documents every epoch (validation is never shuffled)
-    seed: int = 1337
+    seed: int = 1337  # seeds the per-epoch shuffle of shards and documents
 
 
 @dataclass
 class OptimConfig:
     lr: float = 6e-4  # peak learning rate, reached after warmup
     min_lr: float = 6e-5  # cosine decay ends here, 10% of peak
-    warmup_steps: int = 715  # 375M tokens at 2**19 tokens/step
-    weight_decay: float = 0.1  # on 2-D parameters (matrices, embeddings) only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    warmup_steps: int = 715  # linear warmup steps (375M tokens at 2**19 tokens/step)
+    weight_decay: float = 0.1  # AdamW weight decay, on 2-D parameters (matrices, embeddings) only
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
 
@@ -46,13 +47,13 @@ class TrainConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 where supported), bfloat16 or float32
     compile: str = "auto"  # torch.compile: auto (on for CUDA), true or false
-    seed: int = 1337
-    log_interval: int = 1
+    seed: int = 1337  # seeds the initial weights, dropout and sampling
+    log_interval: int = 1  # print and log a training step every N steps
     eval_interval: int = 250  # validation loss every N steps and at the last step; 0 disables
     val_steps: int = 20  # validation batches per evaluation on each rank
     sample_interval: int = 250  # print text samples every N steps; 0 disables
-    sample_tokens: int = 32
-    sample_prompt: str = "Hello, I'm a language model,"
+    sample_tokens: int = 32  # tokens generated per sample
+    sample_prompt: str = "Hello, I'm a language model,"  # the text every sample continues
     checkpoint_interval: int = 1000  # save every N steps (0: only the final step, which is always saved)
     keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
@@ -60,7 +61,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)  # model.py's GPTConfig, so model.py stays standalone
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -74,7 +75,11 @@ CHOICES = {
 
 
 class ConfigError(ValueError):
-    pass
+    """A config file, key or value that cannot be used; the message names it and says what is valid."""
+
+
+class HelpRequested(Exception):
+    """--help was given: the exception's text is the help; the program prints it and exits 0."""
 
 
 def _sections(cfg: Config) -> dict[str, object]:
@@ -178,21 +183,36 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
     return cfg.data.total_batch_tokens // per_micro_step
 
 
-def help_text(cfg: Config) -> str:
-    lines = ["usage: train_gpt2.py [--config FILE.toml] [--section.key=value ...]", "",
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+
+
+def field_help(section_type: type) -> dict[str, str]:
+    """Each field's help line: the comment written beside it in the dataclass, so the two cannot drift apart."""
+    found = {}
+    for line in inspect.getsource(section_type).splitlines():
+        if match := _FIELD_COMMENT.match(line):
+            found[match[1]] = match[2].strip()
+    return found
+
+
+def help_text(cfg: Config, prog: str = "train_gpt2.py") -> str:
+    lines = [f"usage: {prog} [--config FILE.toml] [--section.key=value ...]", "",
              "Keys, with their defaults (after --config, if one was given):"]
     for section_name, section in _sections(cfg).items():
         lines.append(f"  [{section_name}]")
+        helps = field_help(type(section))
         for name, typ in _field_types(section).items():
             key = f"{section_name}.{name}"
-            choices = f"  (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
-            lines.append(f"    --{key}={getattr(section, name)!r}  ({typ.__name__}){choices}")
+            choices = f", one of {', '.join(CHOICES[key])}" if key in CHOICES else ""
+            lines.append(f"    --{key}={getattr(section, name)!r}  ({typ.__name__}{choices})")
+            lines.append(f"        {helps.get(name, '')}")
     return "\n".join(lines)
 
 
-def load_config(argv: list[str]) -> Config:
+def load_config(argv: list[str], prog: str = "train_gpt2.py") -> Config:
     """Defaults, then --config FILE, then --key=value / --key value overrides, in that order.
-    --help prints every key with its default and exits."""
+    Raises ConfigError for anything invalid, and HelpRequested (holding every key, its default and its meaning)
+    for --help."""
     args = list(argv)
     cfg = Config()
     overrides: list[tuple[str, str]] = []
@@ -221,8 +241,7 @@ def load_config(argv: list[str]) -> Config:
     for key, value in overrides:
         _set(cfg, key, value, from_cli=True)
     if "--help" in args or "-h" in args:
-        print(help_text(cfg))
-        sys.exit(0)
+        raise HelpRequested(help_text(cfg, prog))
     validate(cfg)
     return cfg
 

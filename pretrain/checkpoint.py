@@ -1,7 +1,8 @@
-"""Checkpoints: save atomically, load safely (weights_only=True), find the newest, build a model from one.
+"""Checkpoints: what one holds, save atomically, load safely (weights_only=True), find the newest, build a model.
 
 A checkpoint is a dict of tensors and plain Python values only, so torch.load(weights_only=True) can read it
-and a checkpoint can never run code. Training, evaluation and sampling all load models through load_model.
+and a checkpoint can never run code. The training loop hands this module its objects (save_training_state) and
+this module alone decides the dict's layout. Training, evaluation and sampling all load models through load_model.
 """
 
 import pickle
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fileio import atomic_path
 from model import GPT, GPTConfig
+from pretrain.fileio import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 
@@ -30,6 +31,15 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
+
+
+def save_training_state(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        train_loader, config: dict, world_size: int) -> Path:
+    """Save everything a run needs to continue after `step` completed steps, as ckpt_<step>.pt in out_dir.
+    model is the uncompiled, unwrapped module; train_loader anything with a state_dict (the ShardLoader)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config,
+             "train_loader": train_loader.state_dict(), "world_size": world_size}
+    return save_checkpoint(checkpoint_path(out_dir, step), state)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -1,0 +1,73 @@
+"""Token shards on disk: write, read (memory-mapped, header checked) and list them.
+
+Shard format (llm.c / modded-nanogpt): a header of 256 little-endian int32 — magic 20240520, version 1,
+token count — then the tokens as uint16. build-nanogpt's plain .npy uint16 arrays are read too.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.fileio import atomic_path
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class ShardError(ValueError):
+    """A shard file that is missing, truncated or not in a format we read."""
+
+
+def write_shard(path: str | Path, tokens) -> None:
+    """Write tokens (values < 2**16) as a .bin shard; the file appears complete or not at all."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"shard {path}: token ids must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Memory-map a shard's tokens (uint16, read-only) after checking its header against its size."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"shard {path} does not exist")
+    size = path.stat().st_size
+    if path.suffix == ".npy":
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            raise ShardError(f"shard {path} is not a readable .npy file: {e}") from None
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise ShardError(f"shard {path}: expected a 1-D uint16 .npy array, got {tokens.dtype} {tokens.shape}")
+        return tokens
+    if size < HEADER_BYTES:
+        raise ShardError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"shard {path}: magic number {header[0]}, expected {SHARD_MAGIC} (not a token shard?)")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"shard {path}: version {header[1]}, expected {SHARD_VERSION}")
+    ntok = int(header[2])
+    expected = HEADER_BYTES + 2 * ntok
+    if size != expected:
+        raise ShardError(f"shard {path}: header says {ntok} tokens ({expected} bytes) but the file is {size} bytes"
+                         + (" (truncated)" if size < expected else ""))
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+
+
+def list_shards(data_dir: str | Path, split: str) -> list[Path]:
+    """The shards of one split ("train" or "val") in a directory, sorted by name: *_{split}_*.bin or .npy."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist")
+    shards = sorted(p for p in data_dir.iterdir()
+                    if p.suffix in (".bin", ".npy") and f"_{split}_" in p.name and not p.name.startswith("."))
+    if not shards:
+        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin or .npy) in {data_dir}")
+    return shards
