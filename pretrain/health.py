@@ -14,8 +14,9 @@ The update-to-data ratio is |parameter after the optimizer step - before| / |bef
 actually applied (Adam's normalisation, weight decay, clipping and the learning rate included). About 1e-3 is the
 classic healthy value; a layer that stays above 1e-1 or below 1e-5 for WARN_AFTER recordings, or a non-finite
 gradient norm, prints a warning naming the layer. Parameters are grouped by block ("h.3") or by their top-level
-module ("wte", "ln_f"); a group's figures are over all its tensors together. Gradient norms are taken before
-clipping, after the gradients are averaged over ranks, so rank 0's replica stands for the model under DDP.
+module ("wte", "ln_f"); a group's ratio is over its weight matrices together, its gradient norm over all its
+tensors, and each tensor's own figures are kept under "params". Gradient norms are taken before clipping, after
+the gradients are averaged over ranks, so rank 0's replica stands for the model under DDP.
 
 Activations and attention entropy come from one extra forward pass (no gradients, eval mode) of the uncompiled
 model over the step's first micro-batch (at most PROBE_SEQUENCES sequences), with hooks that exist only for that
@@ -54,6 +55,17 @@ def layer_of(name: str) -> str:
 def _finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity; an undefined figure is written as null."""
     return value if math.isfinite(value) else None
+
+
+def _json_safe(value):
+    """value with every non-finite float replaced by None, through lists and dicts."""
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
 
 
 def _ratio(update: float, norm: float) -> float | None:
@@ -273,7 +285,7 @@ class HealthMonitor:
     def write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:  # a whole line per record: a crash loses at most the current one
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+            f.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")  # a diverged model's NaNs too
 
 
 def read_records(path: str | Path) -> list[dict]:
