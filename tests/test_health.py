@@ -249,11 +249,18 @@ def health_run(tiny_shards, out, *extra, launcher=()) -> tuple[str, list[dict]]:
     return result.stdout, read_records(out)
 
 
-def test_training_warns_for_an_absurd_learning_rate(tiny_shards, tmp_path):
-    stdout, records = health_run(tiny_shards, tmp_path, "--train.max_steps=4", "--train.health_interval=1",
-                                 "--optim.lr=0.3", "--optim.warmup_steps=1")
-    assert "warning: h.0: update-to-data ratio above 1e-01 for 3 recordings in a row" in stdout
-    assert "warning: h.1: update-to-data ratio above 1e-01" in stdout
+def test_an_absurd_learning_rate_is_warned_about_by_layer(tiny_shards, tmp_path):
+    model = small_model()
+    optimizer = model.configure_optimizers(0.1, 0.3, (0.9, 0.95), 1e-8)
+    data = loader(tiny_shards)
+    logged = []
+    monitor = HealthMonitor(model, tmp_path / "health.jsonl", interval=1, grad_clip=1.0, log=logged.append)
+    for step in range(3):
+        recorded_step(model, optimizer, data, monitor, step=step, lr=0.3)
+    assert "warning: h.0: update-to-data ratio above 1e-01 for 3 recordings in a row" in "\n".join(logged)
+    assert any(line.startswith("warning: h.1: update-to-data ratio above 1e-01") for line in logged)
+    records = read_records(tmp_path)
+    assert [len(r["warnings"]) for r in records[:2]] == [0, 0]
     assert any(w.startswith("h.0: update-to-data ratio above") for w in records[2]["warnings"])
 
 
