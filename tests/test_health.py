@@ -15,6 +15,7 @@ from test_train import torchrun, train_args
 import train_gpt2
 from model import GPT, GPTConfig
 from pretrain import health, runtime
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.health import HealthMonitor, UpdateProbe, read_records
 from pretrain.health_plots import MissingMatplotlib, draw_health, health_figure
 from pretrain.loader import ShardLoader
@@ -328,6 +329,12 @@ def test_figure_without_matplotlib_says_how_to_get_it(demo_settings_run, monkeyp
     with pytest.raises(MissingMatplotlib, match="plotting needs matplotlib: pip install matplotlib"):
         health_figure(records, tmp_path / "health.png")
     assert not (tmp_path / "health.png").exists()
+
+
+def test_health_is_off_by_default_and_a_negative_interval_is_refused():
+    assert Config().train.health_interval == 0
+    with pytest.raises(ConfigError, match=r"train.health_interval \(-1\) must be 0 \(off\) or a number of steps"):
+        load_config(["--train.health_interval=-1"])
 
 
 def test_update_probe_needs_before_update(tiny_shards):
