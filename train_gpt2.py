@@ -19,6 +19,7 @@ from model import GPT
 from pretrain import checkpoint, distributed, runtime, shard_builder
 from pretrain.config import Config, ConfigError, HelpRequested, grad_accum_steps, load_config, to_dict
 from pretrain.fileio import atomic_write_text
+from pretrain.health import HealthMonitor, UpdateProbe
 from pretrain.loader import ShardLoader
 from pretrain.metrics import MetricsLogger, flops_per_token, peak_tflops
 from pretrain.sampling import generate_text
@@ -62,9 +63,10 @@ def evaluate(model, loader: ShardLoader, steps: int, rt: runtime.Runtime) -> flo
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, loader: ShardLoader, accum_steps: int, lr: float,
-               grad_clip: float, rt: runtime.Runtime) -> tuple[float, float]:
+               grad_clip: float, rt: runtime.Runtime, health: UpdateProbe | None = None) -> tuple[float, float]:
     """One optimizer step over accum_steps micro-batches. Returns the loss (mean over micro-steps and ranks) and
-    the gradient norm before clipping."""
+    the gradient norm before clipping. On health steps `health` sees the gradients before clipping and the
+    parameters before the update."""
     ddp = isinstance(model, DDP)
     loss_accum = torch.zeros((), device=rt.device)
     for micro_step in range(accum_steps):
@@ -78,6 +80,8 @@ def train_step(model, optimizer: torch.optim.Optimizer, loader: ShardLoader, acc
         loss_accum += loss.detach()
         loss.backward()
     distributed.all_reduce_mean(loss_accum)
+    if health is not None:
+        health.before_update()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -111,6 +115,8 @@ def main(argv: list[str]) -> None:
 
     out_dir = Path(cfg.train.out_dir)
     logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master)
+    health = HealthMonitor(raw_model, out_dir / "health.jsonl", cfg.train.health_interval, cfg.optim.grad_clip,
+                           rt.autocast, enabled=master)
     flops = flops_per_token(raw_model, T)
     peak = peak_tflops(device, rt.dtype, cfg.train.peak_tflops)
     if master:
@@ -133,7 +139,9 @@ def main(argv: list[str]) -> None:
 
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps)
-        loss_value, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr, cfg.optim.grad_clip, rt)
+        with health.recording(step, train_loader) as probe:
+            loss_value, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr, cfg.optim.grad_clip,
+                                               rt, probe)
         dt = time.perf_counter() - t0
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"the loss is {loss_value} at step {step}: training diverged (lower optim.lr, "

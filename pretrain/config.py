@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_interval: int = 1000  # save every N steps (0: only the final step, which is always saved)
     keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
+    health_interval: int = 0  # record update/data ratios, gradients, activations to health.jsonl every N steps; 0: off
 
 
 @dataclass
@@ -170,6 +171,8 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if cfg.train.health_interval < 0:
+        raise ConfigError(f"train.health_interval ({cfg.train.health_interval}) must be 0 (off) or a number of steps")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
