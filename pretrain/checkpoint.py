@@ -124,9 +124,9 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
     else:
         try:
             model, meta = GPT.from_pretrained(str(source)), {}
-        except OSError as e:
+        except OSError:
             if source_path.exists():
                 raise
-            raise CheckpointError(f"no checkpoint or run directory {str(source)!r} here, and no GPT-2 model of that "
-                                  f"name from the Hugging Face Hub either ({e})") from None
+            raise CheckpointError(f"no checkpoint or run directory {str(source)!r} here, and the Hugging Face Hub "
+                                  "has no GPT-2 model of that name or cannot be reached") from None
     return model.to(device).eval(), meta
