@@ -31,6 +31,11 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+# Errors in what the user gave (config, data, device, checkpoint): one line on stderr and exit status 2, no traceback.
+USER_ERRORS = (ConfigError, ShardError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged,
+               runtime.RuntimeChoiceError, CorpusError)
+
+
 def due(step: int, interval: int, last_step: bool) -> bool:
     """Whether a periodic job (eval, sample, ...) runs at this step: every `interval` steps and at the last one;
     never when interval is 0."""
@@ -177,7 +182,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except HelpRequested as help:
         print(help)
-    except (ConfigError, ShardError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged,
-            runtime.RuntimeChoiceError, CorpusError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
