@@ -222,6 +222,7 @@ def test_small_local_input_gets_both_splits_and_a_rerun_checks_it_is_intact(tmp_
     ("NVIDIA H100 PCIe", 756.0),
     ("NVIDIA H100 NVL", 835.0),
     ("NVIDIA H200", 989.0),
+    ("NVIDIA H200 NVL", 835.0),
     ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA H100 Ultra 2", None),  # an H100 variant we have no figure for: no MFU rather than a neighbour's
     ("NVIDIA GH200 480GB", None),
