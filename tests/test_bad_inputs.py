@@ -95,6 +95,13 @@ def test_unusable_shards_are_user_errors(tmp_path, shards, message):
         train_gpt2.main([*TINY_RUN, f"--data.dir={tmp_path}", f"--train.out_dir={tmp_path / 'run'}"])
 
 
+def test_data_dir_naming_a_file_is_a_user_error(tmp_path):
+    a_file = tmp_path / "shards.bin"
+    write_shard(a_file, np.arange(100))
+    with pytest.raises(train_gpt2.USER_ERRORS, match=r"data directory .*shards.bin is a file"):
+        train_gpt2.main([*TINY_RUN, f"--data.dir={a_file}", f"--train.out_dir={tmp_path / 'run'}"])
+
+
 def test_a_user_error_is_one_line_on_the_command_line(tmp_path):
     (tmp_path / "x_train_000000.npy").write_bytes(b"")
     result = run_script("train_gpt2.py", *TINY_RUN, f"--data.dir={tmp_path}", f"--train.out_dir={tmp_path / 'run'}",
