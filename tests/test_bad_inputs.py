@@ -148,7 +148,7 @@ def test_failed_demo_build_stops_every_rank_with_its_error(tmp_path, free_port):
 def test_load_model_names_what_is_wrong(tmp_path):
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_model(tmp_path)
-    with pytest.raises(CheckpointError, match=r"run_oops' does not exist|run_oops does not exist"):
+    with pytest.raises(CheckpointError, match="run_oops does not exist"):
         load_model(tmp_path / "run_oops")
     cfg = Config(model=GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
     state = {"model": GPT(cfg.model).state_dict(), "step": 1, "config": to_dict(cfg)}
