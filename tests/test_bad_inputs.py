@@ -25,6 +25,15 @@ TINY_RUN = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16", "--mod
             "--train.compile=false", "--train.max_steps=1", "--train.eval_interval=0", "--train.sample_interval=0"]
 
 
+@pytest.fixture(autouse=True)
+def keep_matmul_precision():
+    """train_gpt2.main sets the process-wide float32 matmul precision; later tests in this process compare at
+    float32 tolerance."""
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
 # ---- config ---------------------------------------------------------------------------------------------------
 
 def test_every_numeric_key_has_a_range():
