@@ -24,6 +24,7 @@ from pretrain.shard_builder import (
     BuildResult,
     available_cpus,
     build_corpus,
+    local_val_tokens,
 )
 from pretrain.sources import CorpusError, HubDataset, LocalFiles, demo_source, resolve_inputs
 
@@ -66,13 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--shard-size", type=token_count, help=f"tokens per shard (default {DEFAULT_SHARD_SIZE:,}; "
                      f"--demo {DEMO_SHARD_SIZE:,})")
     out.add_argument("--val-tokens", type=token_count, help=f"first tokens that go to val shards (default "
-                     f"{DEFAULT_VAL_TOKENS:,}; --demo {DEMO_VAL_TOKENS:,})")
+                     f"{DEFAULT_VAL_TOKENS:,}; --demo {DEMO_VAL_TOKENS:,}; --input: about a tenth of a smaller input)")
     p.add_argument("--workers", type=int, default=available_cpus(), help="tokenizer processes (default: all cores)")
     args = p.parse_args(argv)
     if args.demo + bool(args.input) + bool(args.dataset or args.config) > 1:
         p.error("choose one source: --dataset/--name, --input or --demo")
     if args.input and args.output is None:
         p.error("--input needs --output (the shard directory)")
+    if args.shard_size == 0:
+        p.error("--shard-size must be at least 1 token")
     return args
 
 
@@ -89,6 +92,14 @@ def make_source(args: argparse.Namespace):
     output = args.output or Path("data") / (f"{base}-{config}" if config else base)
     prefix = args.prefix or PREFIXES.get(base.lower(), re.sub(r"[^A-Za-z0-9.-]", "", base.lower()) or "corpus")
     return HubDataset(dataset, config, args.split, args.text_field), output, prefix
+
+
+def default_val_tokens(args: argparse.Namespace, source) -> int:
+    if args.demo:
+        return DEMO_VAL_TOKENS
+    if args.input:  # a small local corpus gets a fraction for validation, not everything
+        return local_val_tokens(source.paths)
+    return DEFAULT_VAL_TOKENS
 
 
 def print_summary(result: BuildResult) -> None:
@@ -114,8 +125,9 @@ def main(argv=None) -> int:
     try:
         source, output, prefix = make_source(args)
         shard_size = args.shard_size or (DEMO_SHARD_SIZE if args.demo else DEFAULT_SHARD_SIZE)
-        val_tokens = args.val_tokens if args.val_tokens is not None else \
-            (DEMO_VAL_TOKENS if args.demo else DEFAULT_VAL_TOKENS)
+        val_tokens = args.val_tokens
+        if val_tokens is None:
+            val_tokens = default_val_tokens(args, source)
         print(f"source: {source.describe()}\noutput: {output} ({prefix}_*.bin, {shard_size:,} tokens per shard, "
               f"{val_tokens:,} val tokens, {args.workers} workers)")
         result = build_corpus(source, output, prefix=prefix, shard_size=shard_size, val_tokens=val_tokens,

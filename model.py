@@ -141,14 +141,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, n_vocab: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, forward=None) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 means greedy; n_vocab limits
-        sampling to the tokenizer's ids when vocab_size is padded. Works on a torch.compile'd model too: it
-        only calls forward."""
+        sampling to the tokenizer's ids when vocab_size is padded. forward computes the logits: this model by
+        default, or its torch.compile'd wrapper (whose .generate lands here with self the plain model)."""
         n_real = n_vocab or self.config.vocab_size
+        forward = self if forward is None else forward
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
+            logits, _ = forward(idx_cond)
             logits = logits[:, -1, :n_real].float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)

@@ -25,10 +25,16 @@ from pretrain.metrics import MetricsLogger, flops_per_token, peak_tflops
 from pretrain.sampling import generate_text
 from pretrain.schedule import lr_at
 from pretrain.shards import ShardError
+from pretrain.sources import CorpusError
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+# Errors in what the user gave (config, data, device, checkpoint): one line on stderr and exit status 2, no traceback.
+USER_ERRORS = (ConfigError, ShardError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged,
+               runtime.RuntimeChoiceError, CorpusError)
 
 
 def due(step: int, interval: int, last_step: bool) -> bool:
@@ -39,12 +45,20 @@ def due(step: int, interval: int, last_step: bool) -> bool:
 
 def prepare_data(cfg: Config, dist_info: distributed.DistInfo) -> None:
     """Build the demo corpus on first use, so the quickstart needs no download. One process per node builds it;
-    the rest wait."""
+    the rest wait, and stop with the builder's error at once if it fails (rather than in a collective's timeout)."""
+    failure = None
     if cfg.data.demo and dist_info.local_rank == 0:
-        if not shard_builder.is_complete(cfg.data.dir):
-            print(f"building the demo corpus in {cfg.data.dir} (once; offline, from Python's own sources)")
-            shard_builder.build_demo_corpus(cfg.data.dir)
-    distributed.barrier()
+        try:
+            if not shard_builder.is_complete(cfg.data.dir):
+                print(f"building the demo corpus in {cfg.data.dir} (once; offline, from Python's own sources)")
+                shard_builder.build_demo_corpus(cfg.data.dir)
+        except Exception as e:
+            failure = e
+    error = distributed.first_error(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise CorpusError(error)
 
 
 @torch.no_grad()
@@ -103,8 +117,11 @@ def main(argv: list[str]) -> None:
     prepare_data(cfg, dist_info)
     B, T = cfg.data.micro_batch_size, cfg.data.seq_len
     loader_args = dict(batch_size=B, seq_len=T, rank=dist_info.rank, world_size=dist_info.world_size)
-    train_loader = ShardLoader(cfg.data.dir, "train", shuffle=cfg.data.shuffle, seed=cfg.data.seed, **loader_args)
-    val_loader = ShardLoader(cfg.data.dir, "val", shuffle=False, **loader_args) if cfg.train.eval_interval else None
+    try:
+        train_loader = ShardLoader(cfg.data.dir, "train", shuffle=cfg.data.shuffle, seed=cfg.data.seed, **loader_args)
+        val_loader = ShardLoader(cfg.data.dir, "val", shuffle=False, **loader_args) if cfg.train.eval_interval else None
+    except ValueError as e:  # too few tokens for one batch: a problem with the data, not a bug
+        raise ShardError(str(e)) from None
 
     raw_model = GPT(cfg.model).to(device)
     optimizer = raw_model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
@@ -123,7 +140,7 @@ def main(argv: list[str]) -> None:
         atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         print(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, "
               f"{cfg.model.n_embd} wide | {rt.describe()} x {dist_info.world_size}")
-        peak_text = "unknown" if peak is None else f"{peak:.3g} TFLOP/s"
+        peak_text = "unknown (set train.peak_tflops)" if peak is None else f"{peak:.4g} TFLOP/s"
         print(f"batch: {cfg.data.total_batch_tokens} tokens/step = {B} x {T} x {dist_info.world_size} ranks x "
               f"{accum_steps} accumulation steps | MFU peak {peak_text} per device, {flops / 1e6:.1f} MFLOP/token")
 
@@ -173,7 +190,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except HelpRequested as help:
         print(help)
-    except (ConfigError, ShardError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged,
-            runtime.RuntimeChoiceError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,6 +5,7 @@ and a checkpoint can never run code. The training loop hands this module its obj
 this module alone decides the dict's layout. Training, evaluation and sampling all load models through load_model.
 """
 
+import dataclasses
 import pickle
 import re
 import zipfile
@@ -79,6 +80,27 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
             path.unlink()
 
 
+def _model_config(state: dict, path: Path) -> GPTConfig:
+    saved = state["config"].get("model") if isinstance(state["config"], dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path} has no model config (config['model'])")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise CheckpointError(f"checkpoint {path}: its model config has keys this model.py does not know "
+                              f"({', '.join(unknown)}); known keys: {', '.join(sorted(known))}")
+    return GPTConfig(**saved)
+
+
+def _looks_local(source: str) -> bool:
+    """Whether source was meant as a path on this machine rather than a Hub model name such as gpt2 or
+    openai-community/gpt2: absolute, relative to . or ~, a .pt file, or inside a directory that exists here."""
+    path = Path(source)
+    if path.is_absolute() or source.startswith((".", "~")) or path.suffix == ".pt":
+        return True
+    return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """A GPT from a training checkpoint (.pt file, or a run directory: its newest checkpoint), or OpenAI GPT-2
     weights (a hub name such as gpt2-xl, or a directory written by save_pretrained).
@@ -88,14 +110,23 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
         source_path = latest
     if source_path.is_file():
         state = load_checkpoint(source_path)
-        model = GPT(GPTConfig(**state["config"]["model"]))
+        model = GPT(_model_config(state, source_path))
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise CheckpointError(f"checkpoint {source_path} does not match its own model config: {e}") from None
         meta = {k: v for k, v in state.items() if k in ("step", "config")}
-    elif source_path.suffix == ".pt":
+    elif source_path.is_dir() and not (source_path / "config.json").is_file():
+        raise CheckpointError(f"{source_path} holds no checkpoint (ckpt_*.pt) and no save_pretrained model "
+                              "(config.json)")
+    elif not source_path.exists() and _looks_local(str(source)):
         raise CheckpointError(f"checkpoint {source_path} does not exist")
     else:
-        model, meta = GPT.from_pretrained(str(source)), {}
+        try:
+            model, meta = GPT.from_pretrained(str(source)), {}
+        except OSError:
+            if source_path.exists():
+                raise
+            raise CheckpointError(f"no checkpoint or run directory {str(source)!r} here, and the Hugging Face Hub "
+                                  "has no GPT-2 model of that name or cannot be reached") from None
     return model.to(device).eval(), meta

@@ -8,6 +8,7 @@ type stops with an error that names it and lists what is valid. The comment besi
 
 import dataclasses
 import inspect
+import math
 import re
 import tomllib
 import typing
@@ -73,6 +74,50 @@ CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "train.compile": ("auto", "true", "false"),
 }
+
+
+# The valid values of every numeric key, in interval notation ("[" includes the end, "(" excludes it);
+# validate() checks each at startup. A numeric key added to a section needs its range here (a test checks).
+RANGES = {
+    "model.block_size": "[1, inf)",
+    "model.vocab_size": "[50257, inf)",  # GPT-2's tokenizer has 50257 tokens
+    "model.n_layer": "[1, inf)",
+    "model.n_head": "[1, inf)",
+    "model.n_embd": "[1, inf)",
+    "model.dropout": "[0, 1)",
+    "data.seq_len": "[1, inf)",
+    "data.micro_batch_size": "[1, inf)",
+    "data.total_batch_tokens": "[1, inf)",
+    "data.seed": "[0, inf)",
+    "optim.lr": "(0, inf)",
+    "optim.min_lr": "[0, inf)",
+    "optim.warmup_steps": "[0, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.beta1": "[0, 1)",
+    "optim.beta2": "[0, 1)",
+    "optim.eps": "(0, inf)",
+    "optim.grad_clip": "[0, inf)",  # a negative max norm would flip the gradient and train uphill
+    "train.max_steps": "[1, inf)",
+    "train.seed": "[0, inf)",
+    "train.log_interval": "[1, inf)",
+    "train.eval_interval": "[0, inf)",
+    "train.val_steps": "[1, inf)",
+    "train.sample_interval": "[0, inf)",
+    "train.sample_tokens": "[1, inf)",
+    "train.checkpoint_interval": "[0, inf)",
+    "train.keep_checkpoints": "[0, inf)",
+    "train.peak_tflops": "[0, inf)",
+    "train.health_interval": "[0, inf)",
+}
+
+
+def in_range(value: float, interval: str) -> bool:
+    """Whether value lies in an interval written like "[0, 1)" (NaN and infinities never do)."""
+    low_text, high_text = interval[1:-1].split(",")
+    low, high = float(low_text), float(high_text)
+    above_low = value >= low if interval[0] == "[" else value > low
+    below_high = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above_low and below_high
 
 
 class ConfigError(ValueError):
@@ -143,6 +188,11 @@ def load_toml(cfg: Config, path: str | Path) -> None:
             table = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; expected a .toml file such as "
+                          "configs/gpt2-124M.toml") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     for section_name, entries in table.items():
@@ -156,23 +206,35 @@ def load_toml(cfg: Config, path: str | Path) -> None:
                 raise ConfigError(f"{path}: {e}") from None
 
 
+def _check_ranges(cfg: Config) -> None:
+    for key, interval in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not in_range(value, interval):
+            raise ConfigError(f"{key} = {value!r} is out of range: expected a value in {interval}")
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """train.out_dir must be a directory or creatable as one: no part of the path may be a file."""
+    existing = next((p for p in (Path(out_dir), *Path(out_dir).parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"train.out_dir {out_dir!r}: {existing} is a file; expected a directory for checkpoints "
+                          "and metrics")
+
+
 def validate(cfg: Config) -> None:
-    """Checks between keys that do not depend on the number of devices."""
+    """Each numeric key's range, then checks between keys that do not depend on the number of devices."""
+    _check_ranges(cfg)
     if cfg.data.seq_len > cfg.model.block_size:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({cfg.model.block_size})")
     if cfg.model.n_embd % cfg.model.n_head:
         raise ConfigError(f"model.n_embd ({cfg.model.n_embd}) must be divisible by model.n_head ({cfg.model.n_head})")
-    if cfg.model.vocab_size < 50257:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must hold GPT-2's 50257 tokens")
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
         raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must be between 0 and optim.lr ({cfg.optim.lr})")
-    for key in ("data.seq_len", "data.micro_batch_size", "data.total_batch_tokens", "train.max_steps",
-                "train.val_steps", "train.log_interval"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key} must be at least 1")
-    if cfg.train.health_interval < 0:
-        raise ConfigError(f"train.health_interval ({cfg.train.health_interval}) must be 0 (off) or a number of steps")
+    if cfg.train.sample_interval and not cfg.train.sample_prompt:
+        raise ConfigError("train.sample_prompt is empty: samples need at least one character of text to continue "
+                          "(or set train.sample_interval=0)")
+    _check_out_dir(cfg.train.out_dir)
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
@@ -207,7 +269,8 @@ def help_text(cfg: Config, prog: str = "train_gpt2.py") -> str:
         for name, typ in _field_types(section).items():
             key = f"{section_name}.{name}"
             choices = f", one of {', '.join(CHOICES[key])}" if key in CHOICES else ""
-            lines.append(f"    --{key}={getattr(section, name)!r}  ({typ.__name__}{choices})")
+            valid_range = f" in {RANGES[key]}" if key in RANGES else ""
+            lines.append(f"    --{key}={getattr(section, name)!r}  ({typ.__name__}{valid_range}{choices})")
             lines.append(f"        {helps.get(name, '')}")
     return "\n".join(lines)
 

@@ -69,6 +69,16 @@ def master_decides(flag: bool) -> bool:
     return flag
 
 
+def first_error(message: str | None) -> str | None:
+    """Every rank's error message (None: no error) reaches every rank; returns the lowest failing rank's.
+    A collective, so it also waits for every rank like a barrier."""
+    if not dist.is_initialized():
+        return message
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

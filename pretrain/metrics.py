@@ -8,9 +8,24 @@ import torch
 from model import GPT
 from pretrain.runtime import measure_matmul_tflops
 
-# Dense bf16 peaks per device, TFLOP/s (vendor datasheets; the 2:4-sparse figures are twice these).
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.2,
-                   "3090": 71.0}
+# Dense bf16 peaks, TFLOP/s (vendor datasheets; the 2:4-sparse figures are twice these), by the exact name
+# torch.cuda.get_device_name reports: the variants of one GPU differ (an H100 PCIe has 756, not the SXM's 989),
+# so a name not listed here gets no MFU rather than a neighbour's peak; set train.peak_tflops for it.
+GPU_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,  # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A10": 125.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA GeForce RTX 4090": 165.2,  # with fp32 accumulation, as autocast does
+    "NVIDIA GeForce RTX 3090": 71.0,
+}
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:
@@ -26,11 +41,15 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.
     if configured > 0:
         return configured
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
+        return gpu_peak_tflops(torch.cuda.get_device_name(device))
     if device.type == "cpu":
         return measure_matmul_tflops(dtype)
     return None
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU known by its exact product name, else None."""
+    return GPU_PEAK_TFLOPS.get(device_name.strip())
 
 
 class MetricsLogger:

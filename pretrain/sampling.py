@@ -20,7 +20,7 @@ def generate_text(model: GPT, prompt: str, num_samples: int = 1, max_new_tokens:
         generator = torch.Generator(device=device).manual_seed(seed)
         idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, n_vocab=tokenizer.N_VOCAB,
-                             generator=generator)
+                             generator=generator, forward=model)  # a compiled model's own forward, not the eager one
     finally:
         model.train(was_training)
     return [tokenizer.decode(row.tolist()) for row in out]

@@ -9,19 +9,14 @@ the same arguments, continues after its last complete shard and writes the same 
 A finished corpus has a manifest.json (source, tokenizer, counts, each shard's sha256) and no progress.json.
 """
 
-import array
 import contextlib
 import fcntl
 import hashlib
 import itertools
 import json
-import os
+import math
 import re
-import signal
-import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -31,109 +26,32 @@ from tqdm import tqdm
 
 from pretrain.fileio import atomic_write_text
 from pretrain.shards import HEADER_BYTES, write_shard
-from pretrain.sources import CorpusError, Source, demo_source, sha256_text
-from pretrain.tokenizer import EOT_ID, RANKS_SHA256, get_encoding
+from pretrain.sources import CorpusError, LocalFiles, Source, demo_source, sha256_text
+from pretrain.tokenize_pool import available_cpus, chunks, maybe_pool, tokenized
+from pretrain.tokenizer import EOT_ID, RANKS_SHA256
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as build-nanogpt and llm.c
 DEFAULT_VAL_TOKENS = 100_000_000  # their first shard is the val split
 CHUNK_CHARS = 1 << 18  # characters per task sent to a worker (~80k tokens): amortizes the IPC, bounds memory
 MANIFEST = "manifest.json"
+INPUT_STAT = "input_stat_sha256"  # config key: local inputs' sizes and modification times
 PROGRESS = "progress.json"
 LOCK = ".lock"
+
+# A local input smaller than ten times DEFAULT_VAL_TOKENS gets a tenth of its tokens for validation instead, so that
+# both splits get tokens; its size is estimated from the files' (compressed files count at their compressed size).
+LOCAL_VAL_FRACTION = 0.1
+BYTES_PER_TOKEN = 4  # English text in GPT-2 tokens, roughly
 
 DEMO_DIR = Path("data/demo")
 DEMO_SHARD_SIZE = 1_000_000
 DEMO_VAL_TOKENS = 250_000
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizing in a process pool
-
-
-def tokenize_documents(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """<|endoftext|> + tokens for each document, concatenated as uint16, and each document's token count."""
-    # One thread: the parallelism comes from the process pool; threads on top would oversubscribe the cores.
-    ids = get_encoding().encode_ordinary_batch(docs, num_threads=1)
-    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
-    flat = array.array("H")  # uint16, filled from the lists faster than np.array(list) converts them
-    for doc in ids:
-        flat.append(EOT_ID)
-        flat.fromlist(doc)
-    return np.frombuffer(flat, dtype=np.uint16), lengths
-
-
-def _chunks(docs: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
-    """Group documents into lists of about chunk_chars characters (a huge document is a chunk of its own)."""
-    chunk, size = [], 0
-    for doc in docs:
-        chunk.append(doc)
-        size += len(doc)
-        if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _tokenized(chunks: Iterator[list[str]], pool: ProcessPoolExecutor | None,
-               window: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-    """(docs, tokens, lengths) for each chunk, in input order; pool None tokenizes in this process."""
-    if pool is None:
-        for docs in chunks:
-            yield docs, *tokenize_documents(docs)
-        return
-    # At most `window` tasks in flight: mapping over the whole source would read an endless stream ahead.
-    pending: deque[tuple[list[str], Future]] = deque()
-    try:
-        for docs in chunks:
-            pending.append((docs, pool.submit(tokenize_documents, docs)))
-            if len(pending) >= window:
-                docs, future = pending.popleft()
-                yield docs, *future.result()
-        while pending:
-            docs, future = pending.popleft()
-            yield docs, *future.result()
-    finally:
-        for _, future in pending:  # on an error or an interrupt: nothing queued is started any more
-            future.cancel()
-
-
-@contextlib.contextmanager
-def _maybe_pool(workers: int):
-    """A process pool of `workers` tokenizers (None for one: tokenize in this process).
-
-    concurrent.futures rather than multiprocessing.Pool: Pool.terminate() can deadlock when a build is interrupted
-    (its task-handler thread blocks on the queue's lock while the main thread joins it). Here, on any exit, queued
-    tasks are cancelled and shutdown waits only for the few tasks already running (a fraction of a second each).
-    """
-    if workers <= 1:
-        yield None
-        return
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
-    try:
-        pool.submit(int).result()  # starts the workers now, before the source or tqdm start threads
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _init_worker(parent_pid: int) -> None:
-    # Ctrl-C reaches every process in the group: let the main process alone handle it (it ends the pool).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """A worker whose main process was killed (SIGKILL, OOM) exits too, rather than wait forever on a result pipe
-    while holding inherited file descriptors, the output directory's lock among them."""
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)
+def local_val_tokens(paths: tuple[Path, ...] | list[Path]) -> int:
+    """The default validation split of local files: DEFAULT_VAL_TOKENS, or a tenth of a smaller input."""
+    estimated_tokens = sum(p.stat().st_size for p in paths) // BYTES_PER_TOKEN
+    return min(DEFAULT_VAL_TOKENS, math.ceil(estimated_tokens * LOCAL_VAL_FRACTION))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,13 +81,55 @@ def _normalized(obj):
     return json.loads(json.dumps(obj))
 
 
+def input_stat(source: Source) -> str | None:
+    """A fingerprint of local input files' paths, sizes and modification times (None for other sources), so that
+    a file changed under the same path is noticed without reading it."""
+    if not isinstance(source, LocalFiles):
+        return None
+    lines = []
+    for path in source.paths:
+        stat = path.stat()
+        lines.append(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return sha256_text("\n".join(lines))
+
+
 def _check_same_config(saved: dict, config: dict, output_dir: Path) -> None:
+    if saved.get(INPUT_STAT) is None:  # a build from before inputs were fingerprinted, or not from local files
+        saved = {**saved, INPUT_STAT: config.get(INPUT_STAT)}
     if saved == config:
         return
+    if saved[INPUT_STAT] != config[INPUT_STAT]:
+        raise CorpusError(f"the input changed since {output_dir} was built from it (a file's size or modification "
+                          f"time differs); delete {output_dir} to build it again, or choose another --output")
     diffs = [f"{key}: {saved.get(key)!r} then, {config.get(key)!r} now"
              for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
     raise CorpusError(f"{output_dir} was built with different arguments ({'; '.join(diffs)}); "
                       "use the same arguments to continue it, or another --output (or delete the directory)")
+
+
+def _is_shard_name(name: str) -> bool:
+    """Whether the training loader would read a file of this name (see pretrain.shards.list_shards)."""
+    has_split = "_train_" in name or "_val_" in name
+    return has_split and name.endswith((".bin", ".npy")) and not name.startswith(".")
+
+
+def _check_no_foreign_shards(output_dir: Path, prefix: str) -> None:
+    """The training loader reads every shard in a directory, so shards of another build beside ours would be mixed
+    into the training data."""
+    foreign = sorted(p.name for p in output_dir.iterdir() if _is_shard_name(p.name) and
+                     not p.name.startswith(f"{prefix}_"))
+    if foreign:
+        raise CorpusError(f"{output_dir} holds shards of another build ({foreign[0]}, ...): training would mix "
+                          "them with these; choose another --output")
+
+
+def _checked_manifest(output_dir: Path, config: dict) -> dict:
+    """The manifest of a finished build of this config, after checking every shard it lists is still whole."""
+    manifest = json.loads((output_dir / MANIFEST).read_text())
+    _check_same_config({k: manifest.get(k) for k in config}, config, output_dir)
+    for shard in manifest["shards"]:
+        _check_shard_file(output_dir, shard, f"listed in {MANIFEST}")
+    return manifest
 
 
 def _load_progress(output_dir: Path, config: dict, prefix: str) -> Progress:
@@ -182,6 +142,8 @@ def _load_progress(output_dir: Path, config: dict, prefix: str) -> Progress:
                               "how they were made; choose another --output or delete them")
         return Progress(config=config)
     state = Progress(**json.loads(path.read_text()))
+    # Resuming checks the input by content (_skip_written), so it adopts the input files' current sizes and times.
+    state.config = {**state.config, INPUT_STAT: config[INPUT_STAT]}
     _check_same_config(state.config, config, output_dir)
     for shard in state.shards:
         _check_shard_file(output_dir, shard, f"listed in {path}")
@@ -336,50 +298,92 @@ def build_corpus(source: Source, output_dir: str | Path, *, prefix: str, shard_s
         raise CorpusError(f"shard size must be >= 1 and val tokens >= 0, got {shard_size} and {val_tokens}")
     workers = workers or available_cpus()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     config = _normalized({"source": source.describe(), "tokenizer": {"name": "gpt2", "ranks_sha256": RANKS_SHA256,
-                          "eot_id": EOT_ID}, "prefix": prefix, "shard_size": shard_size, "val_tokens": val_tokens})
+                          "eot_id": EOT_ID}, "prefix": prefix, "shard_size": shard_size, "val_tokens": val_tokens,
+                          INPUT_STAT: input_stat(source)})
+    created = _make_output_dir(output_dir)
     t0 = time.perf_counter()
-    with _locked(output_dir):
-        if (output_dir / MANIFEST).exists():
-            manifest = json.loads((output_dir / MANIFEST).read_text())
-            _check_same_config({k: manifest.get(k) for k in config}, config, output_dir)
-            return BuildResult(output_dir, manifest, sum(s["tokens"] for s in manifest["shards"]), 0, 0.0, True)
-        state = _load_progress(output_dir, config, prefix)
-        for pattern in (f".{prefix}_*.bin.tmp.*", f".{PROGRESS}.tmp.*", f".{MANIFEST}.tmp.*"):
-            for stale in output_dir.glob(pattern):  # left by a killed write (atomic_path's temporary names)
-                stale.unlink()
-        state.save(output_dir)  # from now on the directory says how its shards were made
-        writer = _ShardWriter(output_dir, prefix, shard_size, val_tokens, state)
-        resumed = writer.written
-        # The pool first, to fork before the source or tqdm start threads; the source next, so that a dataset
-        # which cannot be reached fails before a progress bar is drawn.
-        try:
-            with _maybe_pool(workers) as pool:
-                if state.shards and show_progress:
-                    print(f"continuing after {len(state.shards)} shards: reading past the {state.docs_done:,} "
-                          "documents already in them (without tokenizing them)")
-                docs = _opened(_skip_written(iter(source), state))
-                with tqdm(desc=f"tokenizing -> {output_dir}", unit="tok", unit_scale=True, initial=resumed,
-                          disable=not show_progress) as bar:
-                    next_doc, start, chunk = state.docs_done, state.carry, None
-                    for docs_, tokens, lengths in _tokenized(_chunks(docs, chunk_chars), pool, 2 * workers):
-                        chunk = _Chunk(next_doc, docs_, tokens, np.cumsum(lengths))
-                        writer.add(chunk, start)
-                        bar.update(len(tokens) - start)
-                        next_doc, start = next_doc + len(docs_), 0
-                        bar.set_postfix(docs=next_doc, shards=len(state.shards), refresh=False)
-                    writer.finish(chunk)
-            if not state.shards:
-                raise CorpusError(f"the input ({source.describe()['kind']}) holds no documents")
-        except BaseException:
-            if not state.shards:  # nothing written (e.g. the source could not be reached): leave no trace
-                (output_dir / PROGRESS).unlink(missing_ok=True)
-            raise
-        manifest = _manifest(state)
-        atomic_write_text(output_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        (output_dir / PROGRESS).unlink()
+    try:
+        with _locked(output_dir):
+            _check_no_foreign_shards(output_dir, prefix)
+            if (output_dir / MANIFEST).exists():
+                manifest = _checked_manifest(output_dir, config)
+                return BuildResult(output_dir, manifest, sum(s["tokens"] for s in manifest["shards"]), 0, 0.0, True)
+            state = _load_progress(output_dir, config, prefix)
+            for pattern in (f".{prefix}_*.bin.tmp.*", f".{PROGRESS}.tmp.*", f".{MANIFEST}.tmp.*"):
+                for stale in output_dir.glob(pattern):  # left by a killed write (atomic_path's temporary names)
+                    stale.unlink()
+            state.save(output_dir)  # from now on the directory says how its shards were made
+            writer = _ShardWriter(output_dir, prefix, shard_size, val_tokens, state)
+            resumed = writer.written
+            try:
+                _tokenize_into_shards(source, writer, workers, chunk_chars, show_progress)
+            except BaseException:
+                if not state.shards:  # nothing written (e.g. the source could not be reached): leave no trace
+                    (output_dir / PROGRESS).unlink(missing_ok=True)
+                raise
+            manifest = _manifest(state)
+            atomic_write_text(output_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            (output_dir / PROGRESS).unlink()
+    except BaseException:
+        if created:  # a failed first build leaves no directory behind (nor its lock file)
+            _remove_if_only_lock(output_dir)
+        raise
     return BuildResult(output_dir, manifest, resumed, writer.written - resumed, time.perf_counter() - t0)
+
+
+def _tokenize_into_shards(source: Source, writer: _ShardWriter, workers: int, chunk_chars: int,
+                          show_progress: bool) -> None:
+    state, output_dir = writer.state, writer.output_dir
+    resumed = writer.written
+    # The pool first, to fork before the source or tqdm start threads; the source next, so that a dataset
+    # which cannot be reached fails before a progress bar is drawn.
+    with maybe_pool(workers) as pool:
+        if state.shards and show_progress:
+            print(f"continuing after {len(state.shards)} shards: reading past the {state.docs_done:,} "
+                  "documents already in them (without tokenizing them)")
+        docs = _opened(_skip_written(iter(source), state))
+        with tqdm(desc=f"tokenizing -> {output_dir}", unit="tok", unit_scale=True, initial=resumed,
+                  disable=not show_progress) as bar:
+            next_doc, start, chunk = state.docs_done, state.carry, None
+            text_tokens = 0  # tokens other than the <|endoftext|> before each document
+            for docs_, tokens, lengths in tokenized(chunks(docs, chunk_chars), pool, 2 * workers):
+                chunk = _Chunk(next_doc, docs_, tokens, np.cumsum(lengths))
+                writer.add(chunk, start)
+                text_tokens += len(tokens) - len(lengths)
+                bar.update(len(tokens) - start)
+                next_doc, start = next_doc + len(docs_), 0
+                bar.set_postfix(docs=next_doc, shards=len(state.shards), refresh=False)
+            if resumed == 0 and text_tokens == 0:
+                _forget_shards(writer)
+                raise CorpusError(f"the input ({source.describe()['kind']}) holds no text ({next_doc} documents, all "
+                                  "empty): nothing to tokenize")
+            writer.finish(chunk)
+
+
+def _forget_shards(writer: _ShardWriter) -> None:
+    """Delete the shards written so far (a build that turned out to hold no text)."""
+    for shard in writer.state.shards:
+        (writer.output_dir / shard["name"]).unlink(missing_ok=True)
+    writer.state.shards.clear()
+
+
+def _make_output_dir(output_dir: Path) -> bool:
+    """Create the output directory if needed; True when this call created it."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CorpusError(f"output {output_dir} is a file; expected a directory for the shards")
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CorpusError(f"cannot create the output directory {output_dir}: {e.strerror}") from None
+    return created
+
+
+def _remove_if_only_lock(output_dir: Path) -> None:
+    if {p.name for p in output_dir.iterdir()} <= {LOCK}:
+        (output_dir / LOCK).unlink(missing_ok=True)
+        output_dir.rmdir()
 
 
 # ---- The offline demo corpus ---------------------------------------------------------------------------------
@@ -391,6 +395,24 @@ def build_demo_corpus(output_dir: str | Path = DEMO_DIR, workers: int | None = N
     """A small corpus that needs no network (the stdlib's sources: 5.6M tokens on 3.11); returns at once if built."""
     output_dir = Path(output_dir)
     if not is_complete(output_dir):
+        _check_demo_dir(output_dir)
         build_corpus(demo_source(files), output_dir, prefix="demo", shard_size=shard_size, val_tokens=val_tokens,
                      workers=workers, show_progress=show_progress)
     return output_dir
+
+
+def _belongs_to_demo(name: str) -> bool:
+    """A file the demo build writes: its shards, manifest, progress and lock, and their temporary names."""
+    return name in (MANIFEST, PROGRESS, LOCK) or name.startswith(("demo_", ".demo_", f".{PROGRESS}.", f".{MANIFEST}."))
+
+
+def _check_demo_dir(output_dir: Path) -> None:
+    """The demo corpus goes only into a missing or empty directory, or one that holds (part of) the demo already:
+    built beside a user's own shards, training would mix the two."""
+    if not output_dir.is_dir():
+        return
+    others = sorted(p.name for p in output_dir.iterdir() if not _belongs_to_demo(p.name))
+    if others:
+        raise CorpusError(f"{output_dir} holds files that are not the demo corpus ({others[0]}, ...): the demo is "
+                          "built only into a missing or empty directory (with data.demo=true, choose another "
+                          "data.dir, or set data.demo=false to train on the shards there)")

@@ -41,8 +41,8 @@ def read_shard(path: str | Path) -> np.ndarray:
     if path.suffix == ".npy":
         try:
             tokens = np.load(path, mmap_mode="r")
-        except ValueError as e:
-            raise ShardError(f"shard {path} is not a readable .npy file: {e}") from None
+        except (ValueError, EOFError) as e:  # EOFError: an empty or cut-off file
+            raise ShardError(f"shard {path} ({size} bytes) is not a readable .npy file: {e}") from None
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
             raise ShardError(f"shard {path}: expected a 1-D uint16 .npy array, got {tokens.dtype} {tokens.shape}")
         return tokens
@@ -64,6 +64,8 @@ def read_shard(path: str | Path) -> np.ndarray:
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     """The shards of one split ("train" or "val") in a directory, sorted by name: *_{split}_*.bin or .npy."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise FileNotFoundError(f"data directory {data_dir} is a file; expected the directory of the shards")
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
     shards = sorted(p for p in data_dir.iterdir()

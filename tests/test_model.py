@@ -18,19 +18,28 @@ def test_matches_transformers_gpt2(tmp_path):
     hf_config = transformers.GPT2Config(n_positions=64, vocab_size=500, n_layer=3, n_head=4, n_embd=64,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    # Weights far from the 0.02 init, so that every nonlinearity works outside its near-linear range (with the
+    # init's small activations the exact GELU and GPT-2's tanh GELU agree to 1e-5) and LayerNorm gains matter.
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            param.normal_(0.0, 0.1)
+            if ".ln_" in name and name.endswith(".weight"):
+                param.add_(1.0)
     hf_model.save_pretrained(tmp_path)
 
     model = GPT.from_pretrained(str(tmp_path)).eval()
-    assert model.config.vocab_size == 500 and model.config.n_layer == 3 and model.config.block_size == 64
+    assert (model.config.vocab_size, model.config.n_layer, model.config.block_size) == (500, 3, 64)
     idx = torch.randint(0, 500, (3, 40))
     with torch.no_grad():
         expected = hf_model(idx).logits
         logits, loss = model(idx, idx)
         last, _ = model(idx)
-    assert (logits - expected).abs().max().item() <= 1e-4
-    assert (last[:, -1] - expected[:, -1]).abs().max().item() <= 1e-4
+    assert expected.abs().max().item() > 2  # logits of order 1: the tolerances below are float32 rounding
+    # float32 rounding gives ~1.5e-6 here; the exact GELU in place of the tanh one gives 1e-3
+    assert (logits - expected).abs().max().item() <= 1e-5
+    assert (last[:, -1] - expected[:, -1]).abs().max().item() <= 1e-5
     expected_loss = F.cross_entropy(expected.reshape(-1, 500), idx.reshape(-1))
-    assert abs(loss.item() - expected_loss.item()) <= 1e-5
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-6)
 
 
 def test_from_pretrained_missing_hub_model_is_one_clear_error(monkeypatch):
@@ -112,16 +121,14 @@ def test_forward_without_targets_returns_last_position_only():
         model(torch.zeros(1, TINY.block_size + 1, dtype=torch.long))
 
 
-def test_generate_respects_n_vocab_and_works_compiled():
+def test_generate_respects_n_vocab_and_crops_long_prompts():
     torch.manual_seed(0)
     model = GPT(TINY).eval()
     prompt = torch.zeros(4, 3, dtype=torch.long)
     out = model.generate(prompt, 40, temperature=2.0, n_vocab=10, generator=torch.Generator().manual_seed(1))
-    assert out.shape == (4, 43) and torch.equal(out[:, :3], prompt)
+    assert out.shape == (4, 43)
+    assert torch.equal(out[:, :3], prompt)
     assert out.max().item() < 10  # padded vocabulary rows are never sampled
-    greedy = model.generate(prompt, 5, temperature=0)
-    compiled = torch.compile(model)
-    assert torch.equal(compiled.generate(prompt, 5, temperature=0), greedy)
     # Prompts longer than block_size are cropped to the last block_size tokens.
     long_prompt = torch.randint(0, TINY.vocab_size, (1, TINY.block_size + 5))
     assert model.generate(long_prompt, 2, top_k=5).shape == (1, TINY.block_size + 7)
