@@ -57,6 +57,8 @@ class TrainConfig:
     checkpoint_interval: int = 1000  # save every N steps (0: only the final step, which is always saved)
     keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
+    resume: str = "auto"  # auto: continue from out_dir's newest checkpoint if any; none: start fresh; or a ckpt path
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm to skip (unapplied) before stopping
 
 
 @dataclass
@@ -165,6 +167,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must hold GPT-2's 50257 tokens")
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
         raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must be between 0 and optim.lr ({cfg.optim.lr})")
+    if cfg.train.skip_nonfinite < 0:
+        raise ConfigError(f"train.skip_nonfinite ({cfg.train.skip_nonfinite}) must be 0 or more")
+    if not cfg.train.resume:
+        raise ConfigError("train.resume is empty: expected auto, none or the path of a checkpoint")
     for key in ("data.seq_len", "data.micro_batch_size", "data.total_batch_tokens", "train.max_steps",
                 "train.val_steps", "train.log_interval"):
         section, name = key.split(".")
