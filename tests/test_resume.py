@@ -129,15 +129,6 @@ def test_model_change_on_resume_is_one_line(one_process, tiny_shards):
     assert "Traceback" not in result.stderr
 
 
-def test_fresh_start_into_a_used_out_dir_is_refused(one_process, tiny_shards):
-    split = one_process["split"]
-    result = run_script(*run_args(tiny_shards, split, 6, "--train.resume=none"), check=False)
-    assert result.returncode == 2
-    assert f"train.out_dir {split} already holds another run" in result.stderr
-    assert "--train.resume=auto" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_sigint_saves_and_exits_zero(tiny_shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "log"
     with started(*run_args(tiny_shards, out, 1000), log=log) as proc:
