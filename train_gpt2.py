@@ -174,13 +174,37 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
                                       max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device):
                 print(f"sample: {text!r}")
 
-    def save(steps_done: int) -> Path:
+    def log_step(step: int, lr: float, loss: float, grad_norm: float, dt: float, skipped: bool) -> None:
+        if skipped:
+            logger.log({"step": step, "skipped": True, "lr": lr},
+                       f"step {step:6d} | loss {loss} | norm {grad_norm}: not applied, skipped "
+                       f"({nonfinite.skipped} of train.skip_nonfinite={nonfinite.allowed})")
+        elif step % cfg.train.log_interval == 0 or step == cfg.train.max_steps - 1:
+            tokens_per_s = cfg.data.total_batch_tokens / dt
+            mfu = flops * tokens_per_s / dist_info.world_size / (peak * 1e12) if peak else None
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "ms": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
+            mfu_text = f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""
+            logger.log(record, f"step {step:6d} | loss {loss:.4f} | lr {lr:.3e} | norm {grad_norm:.3f}"
+                               f" | {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu_text}")
+
+    def checkpoint_or_stop(steps_done: int, tokens_seen: int, stopping: bool, signal_name: str | None) -> bool:
+        """Save when due or when stopping (every rank calls it: RNG states are gathered). True: stop now."""
+        interval = cfg.train.checkpoint_interval
+        is_checkpoint_step = steps_done == cfg.train.max_steps or (interval and steps_done % interval == 0)
+        if not (is_checkpoint_step or stopping):
+            return False
         path = checkpoint.save_training_state(out_dir, steps_done, tokens_seen, raw_model, optimizer, train_loader,
                                               config_dict, device)
         if master:
             checkpoint.prune_checkpoints(out_dir, cfg.train.keep_checkpoints, newest_step=steps_done)
             print(f"saved {path}")
-        return path
+        if stopping:
+            distributed.barrier()  # every rank leaves once the file is complete
+            if master:
+                print(f"stopped by {signal_name or 'a signal to another rank'} after {steps_done} steps: saved "
+                      f"{path}; run the same command again to resume (train.resume=auto)")
+        return stopping
 
     logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master)
     nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, out_dir)
@@ -190,34 +214,11 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
                 periodic_jobs(step)
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps)
-                loss_value, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr,
-                                                   cfg.optim.grad_clip, rt)
+                loss, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr, cfg.optim.grad_clip, rt)
                 dt = time.perf_counter() - t0
                 tokens_seen += cfg.data.total_batch_tokens
-                if nonfinite.should_skip(step, loss_value, grad_norm):
-                    logger.log({"step": step, "skipped": True, "lr": lr},
-                               f"step {step:6d} | loss {loss_value} | norm {grad_norm}: not applied, skipped "
-                               f"({nonfinite.skipped} of train.skip_nonfinite={nonfinite.allowed})")
-                elif step % cfg.train.log_interval == 0 or step == cfg.train.max_steps - 1:
-                    tokens_per_s = cfg.data.total_batch_tokens / dt
-                    mfu = flops * tokens_per_s / dist_info.world_size / (peak * 1e12) if peak else None
-                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                              "ms": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
-                    logger.log(record, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.3e} | norm {grad_norm:.3f}"
-                                       f" | {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
-                                       + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""))
-
-                steps_done = step + 1
-                stopping = signals.stop_agreed()
-                interval = cfg.train.checkpoint_interval
-                is_checkpoint_step = steps_done == cfg.train.max_steps or (interval and steps_done % interval == 0)
-                if is_checkpoint_step or stopping:
-                    path = save(steps_done)
-                if stopping:
-                    distributed.barrier()  # every rank leaves once the file is complete
-                    if master:
-                        print(f"stopped by {signals.received or 'a signal to another rank'} after {steps_done} steps: "
-                              f"saved {path}; run the same command again to resume (train.resume=auto)")
+                log_step(step, lr, loss, grad_norm, dt, skipped=nonfinite.should_skip(step, loss, grad_norm))
+                if checkpoint_or_stop(step + 1, tokens_seen, signals.stop_agreed(), signals.received):
                     return
         periodic_jobs(cfg.train.max_steps)  # the final model, after the last optimizer step
     finally:
