@@ -136,6 +136,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
     val_loader = ShardLoader(cfg.data.dir, "val", shuffle=False, **loader_args) if cfg.train.eval_interval else None
 
     raw_model = GPT(cfg.model).to(device)
+    runtime.seed_everything(cfg.train.seed + dist_info.rank)  # from here on each rank draws its own dropout masks
     optimizer = raw_model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
                                                cfg.optim.eps, device.type)
     model = rt.maybe_compile(raw_model)

@@ -29,6 +29,8 @@ from pretrain.fileio import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\.tmp\.\d+$")  # fileio.atomic_path's temporary name for a checkpoint
+# What save_training_state writes and a resumed run needs.
+RESUME_KEYS = ("model", "optimizer", "step", "tokens_seen", "train_loader", "rng", "config", "world_size")
 # Model settings that change the parameters' shapes or meaning: a checkpoint only resumes with the same ones.
 MODEL_SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
 

@@ -46,26 +46,28 @@ def plan_resume(out_dir: str | Path, resume: str, model_config: dict) -> ResumeP
 def _plan(out_dir: Path, resume: str, model_config: dict) -> ResumePlan:
     notes = [f"removed {p.name}, left by a save that was killed" for p in checkpoint.remove_stray_temp_files(out_dir)]
     if resume == "none":
-        _refuse_if_taken(out_dir, "train.resume=none")
+        _refuse_if_taken(out_dir, "train.resume=none, but")
         return ResumePlan(None, notes)
-    if resume == "auto":
-        if not checkpoint.list_checkpoints(out_dir):
-            _refuse_if_taken(out_dir, "train.resume=auto found no checkpoint, and")
-            return ResumePlan(None, notes)
-        path, saved_config = _newest_readable(out_dir, notes)
+    if resume == "auto" and not checkpoint.list_checkpoints(out_dir):
+        _refuse_if_taken(out_dir, "train.resume=auto found no checkpoint, and")
+        return ResumePlan(None, notes)
+    source = out_dir if resume == "auto" else Path(resume)
+    if source.is_dir():
+        path, state = _newest_readable(source, notes)
     else:
-        path = Path(resume)
-        if path.is_dir():
-            path, saved_config = _newest_readable(path, notes)
-        else:
-            saved_config = checkpoint.load_checkpoint(path)["config"]  # a clear error now, not on every rank later
-    _check_model(path, saved_config, model_config)
-    _check_nothing_newer(out_dir, path)
-    step = checkpoint.checkpoint_step(path) if checkpoint.CHECKPOINT_RE.match(path.name) else None
+        path, state = source, checkpoint.load_checkpoint(source)  # a clear error now, not on every rank later
+    missing = [key for key in checkpoint.RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: it lacks {', '.join(missing)} (written before "
+                              "resuming existed?); load_model still reads its weights")
+    differences = checkpoint.model_differences(state["config"], {"model": model_config})
+    if differences:
+        raise CheckpointError(f"cannot resume from {path}: the model differs ({', '.join(differences)}); use the "
+                              "checkpoint's model settings, or another --train.out_dir to start afresh")
     if path.parent.resolve() != out_dir.resolve():
         _refuse_if_taken(out_dir, f"resuming from {path} (another folder), but")
-    elif step is not None:
-        truncate_metrics(out_dir / METRICS_FILE, step)
+    _refuse_newer(out_dir, path, state["step"])
+    truncate_metrics(out_dir / METRICS_FILE, state["step"])
     return ResumePlan(path, notes)
 
 
@@ -80,14 +82,14 @@ def _refuse_if_taken(out_dir: Path, why: str) -> None:
 
 
 def _newest_readable(run_dir: Path, notes: list[str]) -> tuple[Path, dict]:
-    """The newest checkpoint that loads, and its config; unreadable newer ones are renamed *.corrupt (kept, never
+    """The newest checkpoint that loads, and its contents; unreadable newer ones are renamed *.corrupt (kept, never
     used again)."""
     found = checkpoint.list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"{run_dir} holds no checkpoint (ckpt_<step>.pt) to resume from")
     for path in reversed(found):
         try:
-            return path, checkpoint.load_checkpoint(path)["config"]
+            return path, checkpoint.load_checkpoint(path)
         except CheckpointError as e:
             corrupt = path.with_name(path.name + ".corrupt")
             path.rename(corrupt)
@@ -96,20 +98,10 @@ def _newest_readable(run_dir: Path, notes: list[str]) -> tuple[Path, dict]:
                           "--train.out_dir")
 
 
-def _check_model(path: Path, saved_config: dict, model_config: dict) -> None:
-    differences = checkpoint.model_differences(saved_config, {"model": model_config})
-    if differences:
-        raise CheckpointError(f"cannot resume from {path}: the model differs ({', '.join(differences)}); use the "
-                              "checkpoint's model settings, or another --train.out_dir to start afresh")
-
-
-def _check_nothing_newer(out_dir: Path, path: Path) -> None:
-    if not checkpoint.CHECKPOINT_RE.match(path.name):
-        return
-    newer = [p.name for p in checkpoint.list_checkpoints(out_dir)
-             if checkpoint.checkpoint_step(p) > checkpoint.checkpoint_step(path)]
+def _refuse_newer(out_dir: Path, path: Path, step: int) -> None:
+    newer = [p.name for p in checkpoint.list_checkpoints(out_dir) if checkpoint.checkpoint_step(p) > step]
     if newer:
-        raise CheckpointError(f"resuming from {path} into {out_dir}, which holds later checkpoints "
+        raise CheckpointError(f"resuming from {path} (step {step}) into {out_dir}, which holds later checkpoints "
                               f"({', '.join(newer)}) that pruning would mix with the new ones: resume into another "
                               "--train.out_dir, or move them away")
 

@@ -93,10 +93,15 @@ def test_failed_save_leaves_the_previous_file(tmp_path):
 MODEL = to_dict(Config(model=GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))["model"]
 
 
+def resumable_state(step: int) -> dict:
+    """tiny_state with the entries a resume needs (their contents do not matter to the plan)."""
+    return {**tiny_state(step), "optimizer": {}, "tokens_seen": 0, "train_loader": {}, "rng": [], "world_size": 1}
+
+
 def test_auto_resumes_from_the_newest_and_none_refuses_a_used_folder(tmp_path):
     assert plan_resume(tmp_path, "auto", MODEL).path is None  # nothing there: a fresh start
     for step in (4, 8):
-        save_checkpoint(checkpoint_path(tmp_path, step), tiny_state(step))
+        save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
     assert plan_resume(tmp_path, "auto", MODEL).path == tmp_path / "ckpt_000008.pt"
     with pytest.raises(CheckpointError, match=f"train.out_dir {tmp_path} already holds another run") as refused:
         plan_resume(tmp_path, "none", MODEL)
@@ -113,7 +118,7 @@ def test_metrics_without_a_checkpoint_are_not_overwritten_by_a_fresh_start(tmp_p
 
 def test_corrupt_newest_falls_back_to_the_previous_and_is_kept_aside(tmp_path):
     for step in (4, 8):
-        save_checkpoint(checkpoint_path(tmp_path, step), tiny_state(step))
+        save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
     newest = checkpoint_path(tmp_path, 8)
     newest.write_bytes(newest.read_bytes()[:1000])
     plan = plan_resume(tmp_path, "auto", MODEL)
@@ -125,7 +130,7 @@ def test_corrupt_newest_falls_back_to_the_previous_and_is_kept_aside(tmp_path):
 
 
 def test_a_different_model_shape_is_named(tmp_path):
-    save_checkpoint(checkpoint_path(tmp_path, 4), tiny_state(4))
+    save_checkpoint(checkpoint_path(tmp_path, 4), resumable_state(4))
     wider = {**MODEL, "n_embd": 32, "dropout": 0.1}  # dropout is not the model's shape: only n_embd is named
     with pytest.raises(CheckpointError, match=r"the model differs \(model.n_embd 16 -> 32\);"):
         plan_resume(tmp_path, "auto", wider)
@@ -133,7 +138,7 @@ def test_a_different_model_shape_is_named(tmp_path):
 
 def test_resuming_an_older_step_into_a_folder_with_newer_checkpoints_is_refused(tmp_path):
     for step in (4, 8):
-        save_checkpoint(checkpoint_path(tmp_path, step), tiny_state(step))
+        save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
     with pytest.raises(CheckpointError, match=r"holds later checkpoints \(ckpt_000008.pt\)"):
         plan_resume(tmp_path, str(checkpoint_path(tmp_path, 4)), MODEL)
     other = tmp_path / "branch"
@@ -145,7 +150,7 @@ def test_resuming_an_older_step_into_a_folder_with_newer_checkpoints_is_refused(
 
 
 def test_resume_keeps_the_metrics_before_the_resumed_step_only(tmp_path):
-    save_checkpoint(checkpoint_path(tmp_path, 2), tiny_state(2))
+    save_checkpoint(checkpoint_path(tmp_path, 2), resumable_state(2))
     records = ['{"step": 0, "val_loss": 11.0}', '{"step": 0, "loss": 10.9}', '{"step": 1, "loss": 10.5}',
                '{"step": 2, "val_loss": 10.1}', '{"step": 2, "loss": 10.0}', '{"step": 3, "lo']  # cut by a kill
     (tmp_path / "metrics.jsonl").write_text("\n".join(records))
@@ -154,7 +159,7 @@ def test_resume_keeps_the_metrics_before_the_resumed_step_only(tmp_path):
 
 
 def test_stray_temp_files_are_removed_and_finished_checkpoints_kept(tmp_path):
-    save_checkpoint(checkpoint_path(tmp_path, 4), tiny_state(4))
+    save_checkpoint(checkpoint_path(tmp_path, 4), resumable_state(4))
     (tmp_path / ".ckpt_000008.pt.tmp.777").write_bytes(b"partial")
     (tmp_path / ".notes.txt.tmp.1").write_text("not a checkpoint's")
     plan = plan_resume(tmp_path, "auto", MODEL)
@@ -164,7 +169,7 @@ def test_stray_temp_files_are_removed_and_finished_checkpoints_kept(tmp_path):
 
 def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
     for step in (90, 100, 20):  # 90 and 100 are another lineage's higher steps
-        save_checkpoint(checkpoint_path(tmp_path, step), tiny_state(step))
+        save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
     prune_checkpoints(tmp_path, keep=1, newest_step=20)
     assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_000020.pt", "ckpt_000090.pt", "ckpt_000100.pt"]
 
@@ -212,3 +217,10 @@ def test_restored_optimizer_takes_this_runs_hyperparameters(tiny_shards):
     assert new.param_groups[0]["betas"] == (0.8, 0.99)
     first = next(iter(new.state.values()))
     assert torch.equal(first["exp_avg"], next(iter(old.state.values()))["exp_avg"])
+
+
+def test_a_checkpoint_without_the_resume_entries_is_refused_by_name(tmp_path):
+    save_checkpoint(checkpoint_path(tmp_path, 4), tiny_state(4))  # model, step and config only
+    with pytest.raises(CheckpointError, match="ckpt_000004.pt cannot be resumed: it lacks optimizer, tokens_seen, "
+                                              "train_loader, rng, world_size"):
+        plan_resume(tmp_path, "auto", MODEL)
