@@ -19,7 +19,8 @@ import torch
 from conftest import read_metrics, run_script, started
 from test_train import torchrun, train_args
 
-from pretrain.checkpoint import load_checkpoint
+from pretrain.checkpoint import load_checkpoint, load_model
+from pretrain.loader import ShardLoader
 
 STEADY = ["--model.dropout=0.1", "--optim.warmup_steps=100", "--train.eval_interval=3", "--train.val_steps=1"]
 STEP_TOKENS = 256  # data.total_batch_tokens in train_args
@@ -105,9 +106,6 @@ def test_metrics_hold_each_step_once_after_a_resume(one_process):
 
 def test_final_validation_loss_is_of_the_final_weights(one_process, tiny_shards):
     """The last val loss is measured after the last optimizer step: it is the saved final model's loss."""
-    from pretrain.checkpoint import load_model
-    from pretrain.loader import ShardLoader
-
     model, _ = load_model(one_process["ref"])
     x, y = ShardLoader(tiny_shards, "val", batch_size=4, seq_len=32, shuffle=False).next_batch()
     with torch.no_grad():
@@ -168,6 +166,29 @@ def test_second_ctrl_c_exits_at_once_but_torchruns_echo_does_not():
     # a repeat is that echo, and the worker still stops cleanly at the step boundary.
     echoed = run_script("-c", TWO_CTRL_C, env={"TORCHELASTIC_RUN_ID": "test"})
     assert "after the second: SIGINT" in echoed.stdout
+
+
+SCHEDULER_SIGNALS = """
+import os, signal, time
+from pretrain.preemption import StopSignals
+with StopSignals() as signals:
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("still running; first:", signals.received, "stop:", signals.stop_agreed(), flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # outside, the default action again: the process ends
+time.sleep(5)
+print("not reached")
+"""
+
+
+def test_scheduler_signals_are_noted_not_fatal_while_training():
+    result = run_script("-c", SCHEDULER_SIGNALS, check=False)
+    assert "still running; first: SIGUSR1 stop: True" in result.stdout
+    assert "SIGUSR1 received: stopping after this step" in result.stderr
+    assert result.returncode == -signal.SIGTERM
+    assert "not reached" not in result.stdout
 
 
 def test_nonfinite_steps_are_never_applied(tiny_shards, tmp_path):
