@@ -219,7 +219,8 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
                 dt = time.perf_counter() - t0
                 tokens_seen += cfg.data.total_batch_tokens
                 log_step(step, lr, loss, grad_norm, dt, skipped=nonfinite.should_skip(step, loss, grad_norm))
-                if checkpoint_or_stop(step + 1, tokens_seen, signals.stop_agreed(), signals.received):
+                stopping = distributed.any_rank(signals.requested)  # every rank stops after the same step
+                if checkpoint_or_stop(step + 1, tokens_seen, stopping, signals.received):
                     return
         periodic_jobs(cfg.train.max_steps)  # the final model, after the last optimizer step
     finally:

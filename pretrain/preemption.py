@@ -1,16 +1,14 @@
 """Stopping cleanly on a signal: SIGTERM and SIGUSR1 (what schedulers send before a kill) and SIGINT (Ctrl-C).
 
-The handler only notes the signal; the training loop asks `stop_agreed()` at every step boundary, which all-reduces
-the flag so that every rank stops after the same step, even when only one rank was signalled (srun signals every
-task; torchrun forwards to its workers). Rank 0 then saves and all exit 0. A second Ctrl-C exits at once,
-without saving.
+The handler only notes the signal; at every step boundary the training loop all-reduces `requested` over the ranks
+(distributed.any_rank), so that every rank stops after the same step, even when only one rank was signalled (srun
+signals every task; torchrun forwards to its workers). Rank 0 then saves and all exit 0. A second Ctrl-C exits at
+once, without saving.
 """
 
 import os
 import signal
 import time
-
-from pretrain import distributed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # torchrun forwards the Ctrl-C it receives to workers that the terminal already sent it to: a repeat this soon
@@ -53,6 +51,6 @@ class StopSignals:
             _write_stderr(f"{self.received} received: stopping after this step to save a checkpoint "
                           "(Ctrl-C again to quit at once without saving)\n")
 
-    def stop_agreed(self) -> bool:
-        """True on every rank when any rank has received a stop signal. Call it at the same point on all ranks."""
-        return distributed.any_rank(self.received is not None)
+    @property
+    def requested(self) -> bool:
+        return self.received is not None

@@ -176,7 +176,7 @@ with StopSignals() as signals:
     time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.2)
-    print("still running; first:", signals.received, "stop:", signals.stop_agreed(), flush=True)
+    print("still running; first:", signals.received, "stop:", signals.requested, flush=True)
 os.kill(os.getpid(), signal.SIGTERM)  # outside, the default action again: the process ends
 time.sleep(5)
 print("not reached")
