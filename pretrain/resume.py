@@ -30,15 +30,15 @@ class ResumePlan:
 
 def plan_resume(out_dir: str | Path, resume: str, model_config: dict) -> ResumePlan:
     """Rank 0 decides where the run starts and tidies out_dir; every rank returns the same plan or raises the same
-    CheckpointError."""
+    error (CheckpointError for a refusal)."""
     decided = None
     if distributed.is_master():
         try:
             decided = _plan(Path(out_dir), resume, model_config)
-        except CheckpointError as e:
+        except Exception as e:  # any failure, so that the other ranks raise it too instead of waiting for rank 0
             decided = e
     decided = distributed.from_master(decided)
-    if isinstance(decided, CheckpointError):
+    if isinstance(decided, Exception):
         raise decided
     return decided
 
