@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+# The Linear weights Hugging Face's GPT-2 stores as Conv1D: transposed relative to nn.Linear.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
 
 @dataclass
 class GPTConfig:
@@ -188,13 +191,11 @@ class GPT(nn.Module):
         model = cls(config)
         hf_state = hf_model.state_dict()
         state = model.state_dict()
-        # HF stores these as Conv1D, whose weight is the transpose of nn.Linear's.
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         for key in state:
             if key == "lm_head.weight":
                 continue  # tied to transformer.wte.weight
             src = hf_state[key]
-            if key.endswith(conv1d):
+            if key.endswith(CONV1D_WEIGHTS):
                 src = src.t()
             if src.shape != state[key].shape:
                 raise ValueError(f"{name_or_dir}: {key} has shape {tuple(src.shape)}, "

@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from pretrain import checkpoint, distributed, runtime, shard_builder
+from pretrain import checkpoint, distributed, preemption, resume, runtime, shard_builder
 from pretrain.config import Config, ConfigError, HelpRequested, grad_accum_steps, load_config, to_dict
 from pretrain.fileio import atomic_write_text
 from pretrain.health import HealthMonitor, UpdateProbe
@@ -37,10 +37,31 @@ USER_ERRORS = (ConfigError, ShardError, FileNotFoundError, checkpoint.Checkpoint
                runtime.RuntimeChoiceError, CorpusError)
 
 
-def due(step: int, interval: int, last_step: bool) -> bool:
-    """Whether a periodic job (eval, sample, ...) runs at this step: every `interval` steps and at the last one;
-    never when interval is 0."""
-    return interval > 0 and (step % interval == 0 or last_step)
+
+class NonFiniteGuard:
+    """Stops training at a step whose loss or gradient norm is not finite (train_step has not applied it), after
+    letting `allowed` such steps be skipped."""
+
+    def __init__(self, allowed: int, out_dir: Path):
+        self.allowed, self.skipped, self.out_dir = allowed, 0, out_dir
+
+    def should_skip(self, step: int, loss: float, grad_norm: float) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return False
+        self.skipped += 1
+        if self.skipped > self.allowed:
+            newest = checkpoint.find_latest(self.out_dir)
+            kept = f"the newest checkpoint, {newest}, is from before it" if newest else "no checkpoint was saved"
+            raise TrainingDiverged(f"the loss is {loss} and the gradient norm {grad_norm} at step {step}: training "
+                                   f"diverged and this step was not applied; {kept} (lower optim.lr, check the data, "
+                                   f"or allow skipping with train.skip_nonfinite; {self.allowed} allowed now)")
+        return True
+
+
+def due(step: int, interval: int, max_steps: int) -> bool:
+    """Whether a periodic job (eval, sample) runs at `step`, i.e. after `step` optimizer steps: every `interval`
+    steps and after the last one (step == max_steps); never when interval is 0."""
+    return interval > 0 and (step % interval == 0 or step == max_steps)
 
 
 def prepare_data(cfg: Config, dist_info: distributed.DistInfo) -> None:
@@ -79,8 +100,8 @@ def evaluate(model, loader: ShardLoader, steps: int, rt: runtime.Runtime) -> flo
 def train_step(model, optimizer: torch.optim.Optimizer, loader: ShardLoader, accum_steps: int, lr: float,
                grad_clip: float, rt: runtime.Runtime, health: UpdateProbe | None = None) -> tuple[float, float]:
     """One optimizer step over accum_steps micro-batches. Returns the loss (mean over micro-steps and ranks) and
-    the gradient norm before clipping. On health steps `health` sees the gradients before clipping and the
-    parameters before the update."""
+    the gradient norm before clipping; when either is not finite the optimizer step is not taken. On health steps
+    `health` sees the gradients before clipping and the parameters before the update."""
     ddp = isinstance(model, DDP)
     loss_accum = torch.zeros((), device=rt.device)
     for micro_step in range(accum_steps):
@@ -97,22 +118,35 @@ def train_step(model, optimizer: torch.optim.Optimizer, loader: ShardLoader, acc
     if health is not None:
         health.before_update()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
+    loss_value, norm_value = loss_accum.item(), grad_norm.item()  # waits for the device: the caller's timing is real
+    # A non-finite step is never applied, so the weights (and the next checkpoint) stay those of the last good step.
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_accum.item(), grad_norm.item()  # .item() waits for the device, so the caller's timing is real
+    return loss_value, norm_value
 
 
 def main(argv: list[str]) -> None:
     cfg = load_config(argv, prog="train_gpt2.py")
     device = runtime.pick_device(cfg.train.device, distributed.local_rank())
     dist_info = distributed.setup(device)
+    try:
+        train(cfg, dist_info, device)
+    finally:
+        distributed.teardown()
+
+
+def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) -> None:
     master = dist_info.is_master
     accum_steps = grad_accum_steps(cfg, dist_info.world_size)
     # One dtype on every rank: on CPU the choice comes from a local matmul timing, so rank 0 decides for all.
     rt = runtime.resolve(device, cfg.train.dtype, cfg.train.compile, decide=distributed.master_decides)
     runtime.seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    config_dict = to_dict(cfg)
+    out_dir = Path(cfg.train.out_dir)
+    plan = resume.plan_resume(out_dir, cfg.train.resume, config_dict["model"])
 
     prepare_data(cfg, dist_info)
     B, T = cfg.data.micro_batch_size, cfg.data.seq_len
@@ -124,65 +158,99 @@ def main(argv: list[str]) -> None:
         raise ShardError(str(e)) from None
 
     raw_model = GPT(cfg.model).to(device)
+    runtime.seed_everything(cfg.train.seed + dist_info.rank)  # from here on each rank draws its own dropout masks
     optimizer = raw_model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
                                                cfg.optim.eps, device.type)
     model = rt.maybe_compile(raw_model)
     if dist_info.enabled:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    out_dir = Path(cfg.train.out_dir)
-    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master)
-    health = HealthMonitor(raw_model, out_dir / "health.jsonl", cfg.train.health_interval, cfg.optim.grad_clip,
-                           rt.autocast, enabled=master)
     flops = flops_per_token(raw_model, T)
-    peak = peak_tflops(device, rt.dtype, cfg.train.peak_tflops)
+    peak = peak_tflops(device, rt.dtype, cfg.train.peak_tflops)  # on CPU a matmul of random numbers
+
+    # Last before the loop: this restores the RNG states, and nothing may draw random numbers before the first step.
+    start_step, tokens_seen, resume_lines = 0, 0, [f"starting fresh in {out_dir}"]
+    if plan.path is not None:
+        start_step, tokens_seen, resume_lines = resume.continue_from(plan, config_dict, raw_model, optimizer,
+                                                                     train_loader, dist_info.rank,
+                                                                     dist_info.world_size, device)
+    if start_step >= cfg.train.max_steps:
+        if master:
+            print(f"{plan.path} is already at step {start_step} of train.max_steps={cfg.train.max_steps}: nothing "
+                  "to do (raise --train.max_steps to train further)")
+        return
     if master:
-        atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+        atomic_write_text(out_dir / "train_config.json", json.dumps(config_dict, indent=2) + "\n")
         print(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, "
               f"{cfg.model.n_embd} wide | {rt.describe()} x {dist_info.world_size}")
         peak_text = "unknown (set train.peak_tflops)" if peak is None else f"{peak:.4g} TFLOP/s"
         print(f"batch: {cfg.data.total_batch_tokens} tokens/step = {B} x {T} x {dist_info.world_size} ranks x "
               f"{accum_steps} accumulation steps | MFU peak {peak_text} per device, {flops / 1e6:.1f} MFLOP/token")
+        print("\n".join(plan.notes + resume_lines))
 
-    for step in range(cfg.train.max_steps):
-        last_step = step == cfg.train.max_steps - 1
-        if val_loader is not None and due(step, cfg.train.eval_interval, last_step):
+    def periodic_jobs(step: int) -> None:
+        """Validation loss and text samples of the model after `step` optimizer steps, when they are due."""
+        if val_loader is not None and due(step, cfg.train.eval_interval, cfg.train.max_steps):
             val_loss = evaluate(model, val_loader, cfg.train.val_steps, rt)
             logger.log({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
-        if master and step > 0 and due(step, cfg.train.sample_interval, last_step):
+        if master and step > 0 and due(step, cfg.train.sample_interval, cfg.train.max_steps):
             for text in generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
                                       max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device):
                 print(f"sample: {text!r}")
 
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps)
-        with health.recording(step, train_loader) as probe:
-            loss_value, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr, cfg.optim.grad_clip,
-                                               rt, probe)
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"the loss is {loss_value} at step {step}: training diverged (lower optim.lr, "
-                                   "or check the data)")
-
-        if due(step, cfg.train.log_interval, last_step):
+    def log_step(step: int, lr: float, loss: float, grad_norm: float, dt: float, skipped: bool) -> None:
+        if skipped:
+            logger.log({"step": step, "skipped": True, "lr": lr},
+                       f"step {step:6d} | loss {loss} | norm {grad_norm}: not applied, skipped "
+                       f"({nonfinite.skipped} of train.skip_nonfinite={nonfinite.allowed})")
+        elif step % cfg.train.log_interval == 0 or step == cfg.train.max_steps - 1:
             tokens_per_s = cfg.data.total_batch_tokens / dt
             mfu = flops * tokens_per_s / dist_info.world_size / (peak * 1e12) if peak else None
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "ms": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
-            logger.log(record, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.3e} | norm {grad_norm:.3f}"
-                               f" | {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
-                               + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+            mfu_text = f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""
+            logger.log(record, f"step {step:6d} | loss {loss:.4f} | lr {lr:.3e} | norm {grad_norm:.3f}"
+                               f" | {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu_text}")
 
+    def checkpoint_or_stop(steps_done: int, tokens_seen: int, stopping: bool, signal_name: str | None) -> bool:
+        """Save when due or when stopping (every rank calls it: RNG states are gathered). True: stop now."""
         interval = cfg.train.checkpoint_interval
-        is_checkpoint_step = last_step or (interval and (step + 1) % interval == 0)
-        if master and is_checkpoint_step:
-            path = checkpoint.save_training_state(out_dir, step + 1, raw_model, optimizer, train_loader, to_dict(cfg),
-                                                  dist_info.world_size)
-            checkpoint.prune_checkpoints(out_dir, cfg.train.keep_checkpoints)
+        is_checkpoint_step = steps_done == cfg.train.max_steps or (interval and steps_done % interval == 0)
+        if not (is_checkpoint_step or stopping):
+            return False
+        path = checkpoint.save_training_state(out_dir, steps_done, tokens_seen, raw_model, optimizer, train_loader,
+                                              config_dict, device)
+        if master:
+            checkpoint.prune_checkpoints(out_dir, cfg.train.keep_checkpoints, newest_step=steps_done)
             print(f"saved {path}")
+        if stopping:
+            distributed.barrier()  # every rank leaves once the file is complete
+            if master:
+                print(f"stopped by {signal_name or 'a signal to another rank'} after {steps_done} steps: saved "
+                      f"{path}; run the same command again to resume (train.resume=auto)")
+        return stopping
 
-    logger.close()
-    distributed.teardown()
+    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master)
+    health = HealthMonitor(raw_model, out_dir / "health.jsonl", cfg.train.health_interval, cfg.optim.grad_clip,
+                           rt.autocast, enabled=master)
+    nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, out_dir)
+    try:
+        with preemption.StopSignals() as signals:
+            for step in range(start_step, cfg.train.max_steps):
+                periodic_jobs(step)
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps)
+                with health.recording(step, train_loader) as probe:
+                    loss, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr, cfg.optim.grad_clip,
+                                                 rt, probe)
+                dt = time.perf_counter() - t0
+                tokens_seen += cfg.data.total_batch_tokens
+                log_step(step, lr, loss, grad_norm, dt, skipped=nonfinite.should_skip(step, loss, grad_norm))
+                stopping = distributed.any_rank(signals.requested)  # every rank stops after the same step
+                if checkpoint_or_stop(step + 1, tokens_seen, stopping, signals.received):
+                    return
+        periodic_jobs(cfg.train.max_steps)  # the final model, after the last optimizer step
+    finally:
+        logger.close()
 
 
 if __name__ == "__main__":
@@ -190,6 +258,9 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except HelpRequested as help:
         print(help)
+    except KeyboardInterrupt:
+        print("interrupted: exiting without saving", file=sys.stderr)
+        sys.exit(130)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

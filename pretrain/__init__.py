@@ -9,6 +9,9 @@
     sources       where documents come from: local files, a Hugging Face dataset, the offline demo corpus
     shard_builder documents -> token shards in a process pool, resumable (fineweb.py's engine)
     checkpoint    what a checkpoint holds; atomic save, safe load, newest, load_model for every program
+    resume        which checkpoint a run continues from (train.resume), one run per out_dir
+    preemption    SIGTERM/SIGUSR1/SIGINT: every rank stops after the same step, rank 0 saves
+    hf_export     a model as a Hugging Face GPT-2 folder (export_hf.py's engine)
     sampling      prompts -> text through GPT.generate
     metrics       FLOPs per token, MFU and the metrics log
     schedule      the learning-rate schedule

@@ -1,30 +1,51 @@
 """Checkpoints: what one holds, save atomically, load safely (weights_only=True), find the newest, build a model.
 
 A checkpoint is a dict of tensors and plain Python values only, so torch.load(weights_only=True) can read it
-and a checkpoint can never run code. The training loop hands this module its objects (save_training_state) and
-this module alone decides the dict's layout. Training, evaluation and sampling all load models through load_model.
+and a checkpoint can never run code. The training loop hands this module its objects (save_training_state,
+restore_training_state) and this module alone decides the dict's layout:
+
+    model, optimizer   state dicts (the unwrapped, uncompiled model)
+    step, tokens_seen  optimizer steps completed and the tokens they consumed
+    train_loader       the loader's position (in tokens) and what it must match (split, seed, shards)
+    rng                one entry per rank: python, numpy, torch CPU and CUDA states, so dropout continues identically
+    config, world_size the resolved config as a dict, and the number of ranks that wrote it
+
+Every rank's RNG state is gathered to rank 0, which writes the one file; on resume rank r takes entry r.
+Training, evaluation and sampling all load models through load_model.
 """
 
 import dataclasses
 import pickle
+import random
 import re
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import GPT, GPTConfig
+from pretrain import distributed
 from pretrain.fileio import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\.tmp\.\d+$")  # fileio.atomic_path's temporary name for a checkpoint
+# What save_training_state writes and a resumed run needs.
+RESUME_KEYS = ("model", "optimizer", "step", "tokens_seen", "train_loader", "rng", "config", "world_size")
+# Model settings that change the parameters' shapes or meaning: a checkpoint only resumes with the same ones.
+MODEL_SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupt or not one of ours."""
+    """A checkpoint that is missing, truncated, corrupt, not one of ours, or does not fit this run."""
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"ckpt_{step:06d}.pt"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -34,14 +55,88 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return Path(path)
 
 
-def save_training_state(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        train_loader, config: dict, world_size: int) -> Path:
-    """Save everything a run needs to continue after `step` completed steps, as ckpt_<step>.pt in out_dir.
-    model is the uncompiled, unwrapped module; train_loader anything with a state_dict (the ShardLoader)."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config,
-             "train_loader": train_loader.state_dict(), "world_size": world_size}
-    return save_checkpoint(checkpoint_path(out_dir, step), state)
+# -- random number generators ----------------------------------------------------------------------------------
 
+def rng_state(device: torch.device) -> dict:
+    """This process's generator states as tensors and plain values (numpy's array becomes a list of ints)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state(), "cuda": None}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# -- training state --------------------------------------------------------------------------------------------
+
+def save_training_state(out_dir: str | Path, step: int, tokens_seen: int, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, train_loader, config: dict, device: torch.device) -> Path:
+    """Save everything a run needs to continue after `step` completed steps, as ckpt_<step>.pt in out_dir.
+    Every rank calls this (their RNG states are gathered); rank 0 writes. model is the uncompiled, unwrapped
+    module; train_loader anything with a state_dict (the ShardLoader). Returns the path on every rank."""
+    rng = distributed.gather_to_master(rng_state(device))
+    path = checkpoint_path(out_dir, step)
+    if rng is not None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "tokens_seen": tokens_seen, "train_loader": train_loader.state_dict(), "rng": rng,
+                 "config": config, "world_size": len(rng)}
+        save_checkpoint(path, state)
+    return path
+
+
+def model_differences(saved_config: dict, config: dict) -> list[str]:
+    """The model settings that differ between a checkpoint's config and this run's, as 'key saved -> now'."""
+    saved_model, model = saved_config.get("model", {}), config["model"]
+    return [f"model.{key} {saved_model.get(key)!r} -> {model[key]!r}" for key in MODEL_SHAPE_KEYS
+            if saved_model.get(key) != model[key]]
+
+
+def changed_settings(saved_config: dict, config: dict) -> list[str]:
+    """Every other setting this run changes relative to the checkpoint (allowed; reported in the log)."""
+    changes = []
+    for section, values in config.items():
+        for key, value in values.items():
+            saved = saved_config.get(section, {}).get(key, value)
+            if saved != value and (section, key) != ("train", "resume"):
+                changes.append(f"{section}.{key} {saved!r} -> {value!r}")
+    return changes
+
+
+def restore_training_state(state: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           train_loader, rank: int, device: torch.device) -> None:
+    """Put a loaded checkpoint's model, optimizer, loader position and this rank's RNG state back in place.
+    The optimizer keeps this run's hyperparameters (weight decay, betas, eps) where the config changed them."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update(fresh)
+    try:
+        train_loader.load_state_dict(state["train_loader"])
+    except ValueError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}") from None
+    # After a change of world size, ranks beyond the saved ones take a saved rank's stream: dropout masks then
+    # differ from an uninterrupted run's (the data does not).
+    rngs = state["rng"]
+    set_rng_state(rngs[rank % len(rngs)], device)
+
+
+# -- files -----------------------------------------------------------------------------------------------------
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
@@ -73,11 +168,25 @@ def find_latest(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep 0: delete none)."""
-    if keep > 0:
-        for path in list_checkpoints(out_dir)[:-keep]:
-            path.unlink()
+def prune_checkpoints(out_dir: str | Path, keep: int, newest_step: int | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints (keep 0: delete none). With newest_step, only checkpoints up
+    to that step count, so a file with a higher step can never push out the one just saved."""
+    if keep <= 0:
+        return
+    found = list_checkpoints(out_dir)
+    if newest_step is not None:
+        found = [p for p in found if checkpoint_step(p) <= newest_step]
+    for path in found[:-keep]:
+        path.unlink()
+
+
+def remove_stray_temp_files(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a killed save left behind (never a finished checkpoint). Returns them."""
+    out_dir = Path(out_dir)
+    stray = [p for p in out_dir.iterdir() if TEMP_RE.match(p.name)] if out_dir.is_dir() else []
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return stray
 
 
 def _model_config(state: dict, path: Path) -> GPTConfig:
@@ -103,7 +212,7 @@ def _looks_local(source: str) -> bool:
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """A GPT from a training checkpoint (.pt file, or a run directory: its newest checkpoint), or OpenAI GPT-2
-    weights (a hub name such as gpt2-xl, or a directory written by save_pretrained).
+    weights (a hub name such as gpt2-xl, or a directory written by save_pretrained or export_hf.py).
     Returns (model in eval mode on device, the checkpoint's metadata: step, config; empty for HF weights)."""
     source_path = Path(source)
     if source_path.is_dir() and (latest := find_latest(source_path)) is not None:

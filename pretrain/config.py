@@ -59,6 +59,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
     health_interval: int = 0  # record update/data ratios, gradients, activations to health.jsonl every N steps; 0: off
+    resume: str = "auto"  # auto: continue from out_dir's newest checkpoint if any; none: start fresh; or a ckpt path
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm to skip (unapplied) before stopping
 
 
 @dataclass
@@ -108,6 +110,7 @@ RANGES = {
     "train.keep_checkpoints": "[0, inf)",
     "train.peak_tflops": "[0, inf)",
     "train.health_interval": "[0, inf)",
+    "train.skip_nonfinite": "[0, inf)",
 }
 
 
@@ -235,6 +238,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.sample_prompt is empty: samples need at least one character of text to continue "
                           "(or set train.sample_interval=0)")
     _check_out_dir(cfg.train.out_dir)
+    if not cfg.train.resume:
+        raise ConfigError("train.resume is empty: expected auto, none or the path of a checkpoint")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

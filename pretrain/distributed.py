@@ -45,6 +45,11 @@ def setup(device: torch.device) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank(), world_size=world_size, device=device)
 
 
+def is_master() -> bool:
+    """Rank 0 of the process group, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -82,3 +87,32 @@ def first_error(message: str | None) -> str | None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when the flag is set on at least one (one all-reduce of a single number)."""
+    if dist.is_initialized():
+        tensor = torch.tensor([float(flag)])
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+    return flag
+
+
+def gather_to_master(obj) -> list | None:
+    """Every rank's obj, in rank order, on rank 0 (None elsewhere). For small values: it pickles them."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered if dist.get_rank() == 0 else None
+
+
+def from_master(obj):
+    """Rank 0's obj on every rank (small picklable values)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

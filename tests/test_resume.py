@@ -1,0 +1,272 @@
+"""Resuming: the same command continues a run exactly (1 process and 2 gloo ranks, dropout on), a signal saves and
+exits, a rerun never loses or mixes work, and a non-finite step is never applied.
+
+Exactness is judged against an uninterrupted run: the losses of every step must be bit-identical. The warmup is
+longer than every run here, so the learning rate of a step does not depend on train.max_steps and a run stopped at
+max_steps=N/2 can be continued with max_steps=N.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_metrics, run_script, started
+from test_train import torchrun, train_args
+
+from pretrain.checkpoint import load_checkpoint, load_model
+from pretrain.loader import ShardLoader
+
+STEADY = ["--model.dropout=0.1", "--optim.warmup_steps=100", "--train.eval_interval=3", "--train.val_steps=1"]
+STEP_TOKENS = 256  # data.total_batch_tokens in train_args
+
+
+def run_args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return train_args(data, out, *STEADY, f"--train.max_steps={steps}", *extra)
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+
+
+def steps_logged(out: Path, key: str) -> list[int]:
+    return [r["step"] for r in read_metrics(out) if key in r]
+
+
+def wait_for(condition, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the test could signal it"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.02)
+
+
+def last_trained_step(out: Path) -> int:
+    """The highest step with a training loss in a live run's metrics.jsonl (-1 if none yet)."""
+    path = out / "metrics.jsonl"
+    found = -1
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):  # the line being written may be incomplete
+            record = json.loads(line)
+            if "loss" in record:
+                found = max(found, record["step"])
+    return found
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker of this rank, found through /proc (parent pid and environment)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {launcher_pid}")
+
+
+# -- one process ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_process(tiny_shards, tmp_path_factory) -> dict:
+    """6 steps in one go, and 3 steps + resume + 3 steps in one out_dir."""
+    ref, split = tmp_path_factory.mktemp("ref1"), tmp_path_factory.mktemp("split1")
+    run_script(*run_args(tiny_shards, ref, 6))
+    run_script(*run_args(tiny_shards, split, 3))
+    second = run_script(*run_args(tiny_shards, split, 6))
+    return {"ref": ref, "split": split, "second": second.stdout}
+
+
+def test_one_process_resume_gives_bit_identical_losses_with_dropout(one_process):
+    ref, split = one_process["ref"], one_process["split"]
+    assert f"resuming from {split / 'ckpt_000003.pt'}: step 3, 768 tokens seen" in one_process["second"]
+    assert "train.max_steps 3 -> 6" in one_process["second"]
+    assert losses(split) == losses(ref)
+    assert list(losses(split)) == list(range(6))
+    final, expected = load_checkpoint(split / "ckpt_000006.pt"), load_checkpoint(ref / "ckpt_000006.pt")
+    assert all(torch.equal(final["model"][k], v) for k, v in expected["model"].items())
+    assert final["tokens_seen"] == 6 * STEP_TOKENS
+
+
+def test_metrics_hold_each_step_once_after_a_resume(one_process):
+    split = one_process["split"]
+    assert steps_logged(split, "val_loss") == [0, 3, 6]  # the first run's final evaluation at 3 is not repeated
+    assert steps_logged(split, "val_loss") == steps_logged(one_process["ref"], "val_loss")
+    val = {r["step"]: r["val_loss"] for r in read_metrics(split) if "val_loss" in r}
+    assert val == {r["step"]: r["val_loss"] for r in read_metrics(one_process["ref"]) if "val_loss" in r}
+
+
+def test_final_validation_loss_is_of_the_final_weights(one_process, tiny_shards):
+    """The last val loss is measured after the last optimizer step: it is the saved final model's loss."""
+    model, _ = load_model(one_process["ref"])
+    x, y = ShardLoader(tiny_shards, "val", batch_size=4, seq_len=32, shuffle=False).next_batch()
+    with torch.no_grad():
+        _, loss = model(x, y)
+    final_val = [r["val_loss"] for r in read_metrics(one_process["ref"]) if "val_loss" in r][-1]
+    assert loss.item() == pytest.approx(final_val, rel=1e-6)
+
+
+def test_rerun_of_a_finished_run_does_nothing(one_process, tiny_shards):
+    result = run_script(*run_args(tiny_shards, one_process["split"], 6))
+    assert "already at step 6" in result.stdout
+    assert list(losses(one_process["split"])) == list(range(6))
+
+
+def test_model_change_on_resume_is_one_line(one_process, tiny_shards):
+    result = run_script(*run_args(tiny_shards, one_process["split"], 8, "--model.n_embd=32"), check=False)
+    assert result.returncode == 2
+    assert "the model differs (model.n_embd 64 -> 32)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigint_saves_and_exits_zero(tiny_shards, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "log"
+    with started(*run_args(tiny_shards, out, 1000), log=log) as proc:
+        wait_for(lambda: last_trained_step(out) >= 0, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()
+    text = log.read_text()
+    saved = sorted(out.glob("ckpt_*.pt"))
+    assert len(saved) == 1
+    step = load_checkpoint(saved[0])["step"]
+    assert f"stopped by SIGINT after {step} steps: saved {saved[0]}; run the same command again" in text
+    assert last_trained_step(out) == step - 1
+    assert "Traceback" not in text
+
+
+TWO_CTRL_C = """
+import os, signal, sys, time
+from pretrain.preemption import StopSignals
+with StopSignals() as signals:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)  # the handler runs between the two (two pending SIGINTs would be delivered as one)
+    print("after the first:", signals.received, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    print("after the second:", signals.received, flush=True)
+"""
+
+
+def test_second_ctrl_c_exits_at_once_but_torchruns_echo_does_not():
+    result = run_script("-c", TWO_CTRL_C, check=False)
+    assert result.returncode == 130
+    assert "after the first: SIGINT" in result.stdout
+    assert "after the second" not in result.stdout
+    assert "second Ctrl-C: exiting now, without saving" in result.stderr
+    assert "Traceback" not in result.stderr
+    # Under torchrun the launcher forwards the terminal's Ctrl-C to workers that already got it: within a second,
+    # a repeat is that echo, and the worker still stops cleanly at the step boundary.
+    echoed = run_script("-c", TWO_CTRL_C, env={"TORCHELASTIC_RUN_ID": "test"})
+    assert "after the second: SIGINT" in echoed.stdout
+
+
+SCHEDULER_SIGNALS = """
+import os, signal, time
+from pretrain.preemption import StopSignals
+with StopSignals() as signals:
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("still running; first:", signals.received, "stop:", signals.requested, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # outside, the default action again: the process ends
+time.sleep(5)
+print("not reached")
+"""
+
+
+def test_scheduler_signals_are_noted_not_fatal_while_training():
+    result = run_script("-c", SCHEDULER_SIGNALS, check=False)
+    assert "still running; first: SIGUSR1 stop: True" in result.stdout
+    assert "SIGUSR1 received: stopping after this step" in result.stderr
+    assert result.returncode == -signal.SIGTERM
+    assert "not reached" not in result.stdout
+
+
+def test_nonfinite_steps_are_never_applied(tiny_shards, tmp_path):
+    """lr=1e6 without clipping: step 0 is finite, from step 1 on the loss is NaN. Two steps may be skipped; the third
+    stops the run. Skipped steps leave the weights exactly as they were."""
+    result = run_script(*train_args(tiny_shards, tmp_path, "--train.max_steps=8", "--train.eval_interval=0",
+                                    "--optim.lr=1e6", "--optim.grad_clip=0", "--optim.warmup_steps=1",
+                                    "--train.checkpoint_interval=1", "--train.skip_nonfinite=2"), check=False)
+    assert result.returncode == 2
+    assert "at step 3: training diverged and this step was not applied" in result.stderr
+    assert f"the newest checkpoint, {tmp_path / 'ckpt_000003.pt'}, is from before it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [r["step"] for r in read_metrics(tmp_path) if r.get("skipped")] == [1, 2]
+    after_good_step = load_checkpoint(tmp_path / "ckpt_000001.pt")["model"]
+    for skipped in (2, 3):
+        weights = load_checkpoint(tmp_path / f"ckpt_{skipped:06d}.pt")["model"]
+        assert all(torch.equal(weights[k], v) for k, v in after_good_step.items())
+    assert all(torch.isfinite(v).all() for v in after_good_step.values())
+
+
+# -- two gloo ranks ---------------------------------------------------------------------------------------------
+
+M = 12  # steps of the 2-rank runs
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_shards, tmp_path_factory) -> dict:
+    """An uninterrupted 2-rank run of M steps; and in another out_dir: M/2 steps, then the same command with
+    max_steps=M signalled (SIGTERM to rank 1 only) after its first step, then that command again."""
+    ref, out = tmp_path_factory.mktemp("ref2"), tmp_path_factory.mktemp("split2")
+    half_copy = tmp_path_factory.mktemp("half") / "ckpt_000006.pt"
+    logs = tmp_path_factory.mktemp("logs")
+    run_script(*torchrun("--standalone", "--nproc_per_node=2", *run_args(tiny_shards, ref, M)))
+    run_script(*torchrun("--standalone", "--nproc_per_node=2", *run_args(tiny_shards, out, M // 2)))
+    shutil.copy(out / "ckpt_000006.pt", half_copy)
+    (out / ".ckpt_000007.pt.tmp.4242").write_bytes(b"what a killed save leaves")
+    command = torchrun("--standalone", "--nproc_per_node=2", *run_args(tiny_shards, out, M))
+    with started(*command, log=logs / "signalled.log") as proc:
+        wait_for(lambda: last_trained_step(out) >= M // 2, proc)
+        os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
+        signalled_rc = proc.wait(timeout=120)
+    stopped_at = [load_checkpoint(p)["step"] for p in out.glob("ckpt_*.pt")]
+    rerun = run_script(*command)
+    return {"ref": ref, "out": out, "half": half_copy, "signalled_rc": signalled_rc, "stopped_at": stopped_at,
+            "signalled_log": (logs / "signalled.log").read_text(), "rerun": rerun.stdout}
+
+
+def test_two_ranks_resume_gives_bit_identical_losses_with_dropout(two_ranks):
+    assert losses(two_ranks["out"]) == losses(two_ranks["ref"])
+    assert list(losses(two_ranks["out"])) == list(range(M))
+    assert steps_logged(two_ranks["out"], "val_loss") == [0, 3, 6, 9, 12]
+    final = load_checkpoint(two_ranks["out"] / f"ckpt_{M:06d}.pt")
+    expected = load_checkpoint(two_ranks["ref"] / f"ckpt_{M:06d}.pt")
+    assert all(torch.equal(final["model"][k], v) for k, v in expected["model"].items())
+    assert len(final["rng"]) == 2
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(two_ranks):
+    text = two_ranks["signalled_log"]
+    assert two_ranks["signalled_rc"] == 0, text  # torchrun itself was not signalled: 0 means every worker exited 0
+    assert "SIGTERM received: stopping after this step" in text
+    step = max(two_ranks["stopped_at"])
+    assert M // 2 < step < M, text
+    assert f"stopped by a signal to another rank after {step} steps: saved" in text
+    assert "Traceback" not in text
+    assert f"resuming from {two_ranks['out'] / f'ckpt_{step:06d}.pt'}: step {step}" in two_ranks["rerun"]
+
+
+def test_stray_temp_file_of_a_killed_save_is_removed_at_the_next_start(two_ranks):
+    assert "removed .ckpt_000007.pt.tmp.4242, left by a save that was killed" in two_ranks["signalled_log"]
+    assert not list(two_ranks["out"].glob(".ckpt_*"))
+
+
+def test_different_world_size_resumes_at_the_same_token(two_ranks, tiny_shards, tmp_path):
+    result = run_script(*run_args(tiny_shards, tmp_path, 8, f"--train.resume={two_ranks['half']}"))
+    assert "world size changed from 2 to 1: the data continues at the same token (1,536), 256 tokens per step" \
+        in result.stdout
+    assert list(losses(tmp_path)) == [6, 7]
+    final = load_checkpoint(tmp_path / "ckpt_000008.pt")
+    assert final["train_loader"]["position"] == 8 * STEP_TOKENS
+    assert final["tokens_seen"] == 8 * STEP_TOKENS
