@@ -16,11 +16,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from pretrain import checkpoint, distributed, runtime, shard_builder
+from pretrain import checkpoint, distributed, runtime, shard_builder, summary, trackers
 from pretrain.config import Config, ConfigError, HelpRequested, grad_accum_steps, load_config, to_dict
 from pretrain.fileio import atomic_write_text
 from pretrain.loader import ShardLoader
 from pretrain.metrics import MetricsLogger, flops_per_token, peak_tflops
+from pretrain.progress import Progress
 from pretrain.sampling import generate_text
 from pretrain.schedule import lr_at
 from pretrain.shards import ShardError
@@ -110,16 +111,20 @@ def main(argv: list[str]) -> None:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     out_dir = Path(cfg.train.out_dir)
-    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master)
+    run_summary = summary.RunSummary(cfg.data.total_batch_tokens)
+    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master,
+                           progress=Progress(cfg.train.max_steps, cfg.train.log_interval, enabled=master),
+                           sinks=[run_summary, *trackers.open_trackers(cfg, out_dir, enabled=master)])
     flops = flops_per_token(raw_model, T)
     peak = peak_tflops(device, rt.dtype, cfg.train.peak_tflops)
     if master:
         atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
-        print(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, "
-              f"{cfg.model.n_embd} wide | {rt.describe()} x {dist_info.world_size}")
+        logger.write(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, "
+                     f"{cfg.model.n_embd} wide | {rt.describe()} x {dist_info.world_size}")
         peak_text = "unknown" if peak is None else f"{peak:.3g} TFLOP/s"
-        print(f"batch: {cfg.data.total_batch_tokens} tokens/step = {B} x {T} x {dist_info.world_size} ranks x "
-              f"{accum_steps} accumulation steps | MFU peak {peak_text} per device, {flops / 1e6:.1f} MFLOP/token")
+        logger.write(f"batch: {cfg.data.total_batch_tokens} tokens/step = {B} x {T} x {dist_info.world_size} ranks x "
+                     f"{accum_steps} accumulation steps | MFU peak {peak_text} per device, "
+                     f"{flops / 1e6:.1f} MFLOP/token")
 
     for step in range(cfg.train.max_steps):
         last_step = step == cfg.train.max_steps - 1
@@ -129,7 +134,7 @@ def main(argv: list[str]) -> None:
         if master and step > 0 and due(step, cfg.train.sample_interval, last_step):
             for text in generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
                                       max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device):
-                print(f"sample: {text!r}")
+                logger.write(f"sample: {text!r}")
 
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps)
@@ -139,14 +144,10 @@ def main(argv: list[str]) -> None:
             raise TrainingDiverged(f"the loss is {loss_value} at step {step}: training diverged (lower optim.lr, "
                                    "or check the data)")
 
-        if due(step, cfg.train.log_interval, last_step):
-            tokens_per_s = cfg.data.total_batch_tokens / dt
-            mfu = flops * tokens_per_s / dist_info.world_size / (peak * 1e12) if peak else None
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "ms": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
-            logger.log(record, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.3e} | norm {grad_norm:.3f}"
-                               f" | {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
-                               + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+        tokens_per_s = cfg.data.total_batch_tokens / dt
+        mfu = flops * tokens_per_s / dist_info.world_size / (peak * 1e12) if peak else None
+        logger.log_step({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "ms": dt * 1000,
+                         "tokens_per_s": tokens_per_s, "mfu": mfu})
 
         interval = cfg.train.checkpoint_interval
         is_checkpoint_step = last_step or (interval and (step + 1) % interval == 0)
@@ -154,9 +155,11 @@ def main(argv: list[str]) -> None:
             path = checkpoint.save_training_state(out_dir, step + 1, raw_model, optimizer, train_loader, to_dict(cfg),
                                                   dist_info.world_size)
             checkpoint.prune_checkpoints(out_dir, cfg.train.keep_checkpoints)
-            print(f"saved {path}")
+            logger.write(f"saved {path}")
 
     logger.close()
+    if master:
+        summary.report(run_summary, out_dir, final_checkpoint=checkpoint.find_latest(out_dir))
     distributed.teardown()
 
 

@@ -48,7 +48,7 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 where supported), bfloat16 or float32
     compile: str = "auto"  # torch.compile: auto (on for CUDA), true or false
     seed: int = 1337  # seeds the initial weights, dropout and sampling
-    log_interval: int = 1  # print and log a training step every N steps
+    log_interval: int = 1  # print a training step every N steps when not on a terminal (all go to metrics.jsonl)
     eval_interval: int = 250  # validation loss every N steps and at the last step; 0 disables
     val_steps: int = 20  # validation batches per evaluation on each rank
     sample_interval: int = 250  # print text samples every N steps; 0 disables
@@ -57,6 +57,8 @@ class TrainConfig:
     checkpoint_interval: int = 1000  # save every N steps (0: only the final step, which is always saved)
     keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
+    wandb_project: str = ""  # log metrics to this Weights & Biases project from rank 0 (needs wandb); empty: off
+    tensorboard: bool = False  # also write metrics as TensorBoard events to <out_dir>/tensorboard (needs tensorboard)
 
 
 @dataclass

@@ -1,11 +1,13 @@
-"""Throughput, model FLOPs utilisation and the per-step metrics log (stdout + one JSON object per line)."""
+"""Throughput, model FLOPs utilisation and the metrics log (one JSON object per line, fanned out to the sinks)."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from model import GPT
+from pretrain.progress import Progress
 from pretrain.runtime import measure_matmul_tflops
 
 # Dense bf16 peaks per device, TFLOP/s (vendor datasheets; the 2:4-sparse figures are twice these).
@@ -33,11 +35,41 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.
     return None
 
 
-class MetricsLogger:
-    """Prints one line per logged step and appends the same numbers as JSON to out_dir/metrics.jsonl."""
+class MetricsError(ValueError):
+    """A metrics file that is missing or not JSON lines; the message names the file and line."""
 
-    def __init__(self, path: str | Path | None, enabled: bool = True):
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order. A last line cut short (the run was killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"{path} does not exist (a run folder holds metrics.jsonl once training has started)")
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            is_cut_short = number == len(lines) and not text.endswith("\n")
+            if is_cut_short:
+                break
+            raise MetricsError(f"{path}, line {number}: not a JSON record: {line[:80]!r}") from None
+    return records
+
+
+class MetricsLogger:
+    """Appends every record as one JSON line to out_dir/metrics.jsonl and hands it to the sinks (experiment
+    trackers, the run summary); lines to show go through the progress display (above its bar, if it draws one).
+    Disabled (other ranks), it does nothing."""
+
+    def __init__(self, path: str | Path | None, enabled: bool = True, progress: Progress | None = None,
+                 sinks: Sequence = ()):
         self.enabled = enabled
+        self.progress = progress
+        self.sinks = list(sinks) if enabled else []
         self.file = None
         if enabled and path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -47,10 +79,31 @@ class MetricsLogger:
         if not self.enabled:
             return
         if line is not None:
-            print(line, flush=True)
+            self.write(line)
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
+
+    def log_step(self, record: dict) -> None:
+        """A training step's record: logged in full, shown as the progress display decides (bar or every Nth)."""
+        self.log(record)
+        if self.enabled and self.progress is not None:
+            self.progress.update(record)
+
+    def write(self, line: str) -> None:
+        """Show a line (sample, checkpoint, ...) without logging a record."""
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        for sink in self.sinks:
+            sink.close()
         if self.file is not None:
             self.file.close()
