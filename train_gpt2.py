@@ -132,9 +132,10 @@ def main(argv: list[str]) -> None:
             val_loss = evaluate(model, val_loader, cfg.train.val_steps, rt)
             logger.log({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
         if master and step > 0 and due(step, cfg.train.sample_interval, last_step):
-            for text in generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
-                                      max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device):
-                logger.write(f"sample: {text!r}")
+            texts = generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
+                                  max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device)
+            for i, text in enumerate(texts):
+                logger.write(f"--- sample {i + 1} of {len(texts)}, after {step} steps ---\n{text}")
 
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps)
