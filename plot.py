@@ -11,8 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.metrics import MetricsError
-from pretrain.plots import build_figure, read_run, save_figure
+from pretrain.plots import MetricsError, build_figure, read_run, save_figure
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -9,8 +9,12 @@
     sources       where documents come from: local files, a Hugging Face dataset, the offline demo corpus
     shard_builder documents -> token shards in a process pool, resumable (fineweb.py's engine)
     checkpoint    what a checkpoint holds; atomic save, safe load, newest, load_model for every program
-    sampling      prompts -> text through GPT.generate
-    metrics       FLOPs per token, MFU and the metrics log
+    sampling      prompts -> text through GPT.generate, streamed if asked
+    metrics       FLOPs per token, MFU and the metrics log (fanned out to trackers and the summary)
+    progress      the progress bar on a terminal, plain lines in a log
+    summary       the end-of-run summary (printed, and summary.json)
+    trackers      Weights & Biases and TensorBoard logging, optional
+    plots         plot.py's figure of training curves (matplotlib, optional)
     schedule      the learning-rate schedule
     fileio        atomic file writes
 

@@ -35,31 +35,6 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.
     return None
 
 
-class MetricsError(ValueError):
-    """A metrics file that is missing or not JSON lines; the message names the file and line."""
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl, in order. A last line cut short (the run was killed mid-write) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetricsError(f"{path} does not exist (a run folder holds metrics.jsonl once training has started)")
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            is_cut_short = number == len(lines) and not text.endswith("\n")
-            if is_cut_short:
-                break
-            raise MetricsError(f"{path}, line {number}: not a JSON record: {line[:80]!r}") from None
-    return records
-
-
 class MetricsLogger:
     """Appends every record as one JSON line to out_dir/metrics.jsonl and hands it to the sinks (experiment
     trackers, the run summary); lines to show go through the progress display (above its bar, if it draws one).

@@ -2,7 +2,8 @@
 
 Panels: loss (train and validation) against step and against tokens seen, HellaSwag acc_norm (with OpenAI GPT-2
 124M's score when a run has that shape), learning rate, gradient norm and tokens/s. Each run keeps one colour in
-every panel. matplotlib is imported only here and only when a figure is made: training never needs it.
+every panel. matplotlib is imported only here and only when a figure is made: training never needs it;
+nor does plotting need torch.
 """
 
 import json
@@ -10,11 +11,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.fileio import atomic_path
-from pretrain.metrics import MetricsError, read_metrics
 
 # HellaSwag acc_norm of OpenAI's GPT-2 124M, completion style (build-nanogpt / llm.c), the line to beat.
 GPT2_124M_HELLASWAG = 0.2955
 GPT2_124M_SHAPE = {"n_layer": 12, "n_head": 12, "n_embd": 768}
+
+
+class MetricsError(ValueError):
+    """A metrics file that is missing or not JSON lines; the message names the file and line."""
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order. A last line cut short (the run was killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"{path} does not exist (a run folder holds metrics.jsonl once training has started)")
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            is_cut_short = number == len(lines) and not text.endswith("\n")
+            if is_cut_short:
+                break
+            raise MetricsError(f"{path}, line {number}: not a JSON record: {line[:80]!r}") from None
+    return records
+
 
 PANELS = ("loss", "loss against tokens seen", "HellaSwag acc_norm", "learning rate", "gradient norm", "tokens/s")
 
