@@ -89,16 +89,36 @@ def pyplot():
     return plt
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the window - 1 before it (fewer at the start)."""
+    averaged, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        averaged.append(total / min(i + 1, window))
+    return averaged
+
+
+def smoothing_window(num_points: int) -> int:
+    """Enough steps to average out batch-to-batch noise, still few against the run: 1/50 of it."""
+    return max(1, num_points // 50)
+
+
 def _plot_loss(ax, run: Run, color, tokens_per_step: int | None) -> None:
-    """Train loss as a thin line, validation loss as dots joined; x in steps, or tokens when tokens_per_step."""
+    """Train loss per step (faint) and its moving average, validation loss as joined dots; x in steps, or in
+    tokens seen when tokens_per_step is given."""
     scale = tokens_per_step or 1
     # A step record's loss comes after training on that step's batch: (step + 1) batches seen. A validation
     # record at step s is measured before step s trains: s batches seen.
     steps, losses = run.series("loss")
-    ax.plot([(s + 1) * scale if tokens_per_step else s for s in steps], losses, color=color, linewidth=0.8,
-            alpha=0.6, label=f"{run.name} train")
+    x = [(s + 1) * scale if tokens_per_step else s for s in steps]
+    ax.plot(x, losses, color=color, linewidth=0.6, alpha=0.25, label=f"_{run.name} train per step")
+    ax.plot(x, moving_average(losses, smoothing_window(len(losses))), color=color, linewidth=1.2,
+            label=f"{run.name} train")
     steps, val_losses = run.series("val_loss")
-    ax.plot([s * scale for s in steps], val_losses, color=color, marker="o", markersize=3, label=f"{run.name} val")
+    ax.plot([s * scale for s in steps], val_losses, color=color, marker="o", markersize=3, linestyle="--",
+            label=f"{run.name} val")
 
 
 def build_figure(runs: list[Run]):

@@ -55,14 +55,15 @@ def test_figure_panels_hold_each_runs_curves(tmp_path):
     loss = lines_by_label(axes["loss"])
     train = [r for r in gpt2_records if "loss" in r]
     val = [r for r in gpt2_records if "val_loss" in r]
-    assert list(loss["gpt2 train"].get_xdata()) == [r["step"] for r in train]
-    assert list(loss["gpt2 train"].get_ydata()) == [r["loss"] for r in train]
+    assert list(loss["_gpt2 train per step"].get_xdata()) == [r["step"] for r in train]
+    assert list(loss["_gpt2 train per step"].get_ydata()) == [r["loss"] for r in train]
     assert list(loss["gpt2 val"].get_ydata()) == [r["val_loss"] for r in val]
-    assert set(loss) == {"gpt2 train", "gpt2 val", "demo train", "demo val"}
+    shown = {label for label in loss if not label.startswith("_")}  # what the legend lists
+    assert shown == {"gpt2 train", "gpt2 val", "demo train", "demo val"}
 
     # Against tokens: a step record comes after its batch, a validation record before its step's batch.
     by_tokens = lines_by_label(axes["loss against tokens seen"])
-    assert list(by_tokens["gpt2 train"].get_xdata()) == [(r["step"] + 1) * 524288 for r in train]
+    assert list(by_tokens["_gpt2 train per step"].get_xdata()) == [(r["step"] + 1) * 524288 for r in train]
     assert list(by_tokens["demo val"].get_xdata()) == [r["step"] * 2048 for r in val]
 
     hellaswag = lines_by_label(axes["HellaSwag acc_norm"])
@@ -71,6 +72,14 @@ def test_figure_panels_hold_each_runs_curves(tmp_path):
     assert list(hellaswag["OpenAI GPT-2 124M (0.2955)"].get_ydata()) == [0.2955, 0.2955]
     for title, key in (("learning rate", "lr"), ("gradient norm", "grad_norm"), ("tokens/s", "tokens_per_s")):
         assert list(lines_by_label(axes[title])["gpt2"].get_ydata()) == [r[key] for r in train]
+
+
+def test_the_train_loss_curve_is_a_moving_average_over_a_fiftieth_of_the_run(tmp_path):
+    assert plots.moving_average([4.0, 2.0, 6.0, 1.0], window=2) == [4.0, 3.0, 4.0, 3.5]
+    run = plots.Run("long", [{"step": s, "loss": float(s % 7)} for s in range(200)], {})
+    fig = plots.build_figure([run])
+    smoothed = lines_by_label(fig.axes[0])["long train"].get_ydata()
+    assert smoothed[10] == pytest.approx(sum(s % 7 for s in range(7, 11)) / 4)  # window 200 // 50 = 4
 
 
 def test_no_reference_line_for_a_run_of_another_shape(tmp_path):
