@@ -16,12 +16,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from pretrain import checkpoint, distributed, preemption, resume, runtime, shard_builder
+from pretrain import checkpoint, distributed, preemption, resume, runtime, shard_builder, summary, trackers
 from pretrain.config import Config, ConfigError, HelpRequested, grad_accum_steps, load_config, to_dict
 from pretrain.fileio import atomic_write_text
 from pretrain.health import HealthMonitor, UpdateProbe
 from pretrain.loader import ShardLoader
 from pretrain.metrics import MetricsLogger, flops_per_token, peak_tflops
+from pretrain.progress import Progress
 from pretrain.sampling import generate_text
 from pretrain.schedule import lr_at
 from pretrain.shards import ShardError
@@ -178,14 +179,19 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
             print(f"{plan.path} is already at step {start_step} of train.max_steps={cfg.train.max_steps}: nothing "
                   "to do (raise --train.max_steps to train further)")
         return
+    run_summary = summary.RunSummary(cfg.data.total_batch_tokens)
+    progress = Progress(cfg.train.max_steps, cfg.train.log_interval, start_step=start_step, enabled=master)
+    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master, progress=progress,
+                           sinks=[run_summary, *trackers.open_trackers(cfg, out_dir, enabled=master)])
     if master:
         atomic_write_text(out_dir / "train_config.json", json.dumps(config_dict, indent=2) + "\n")
-        print(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, "
-              f"{cfg.model.n_embd} wide | {rt.describe()} x {dist_info.world_size}")
+        logger.write(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, "
+                     f"{cfg.model.n_embd} wide | {rt.describe()} x {dist_info.world_size}")
         peak_text = "unknown (set train.peak_tflops)" if peak is None else f"{peak:.4g} TFLOP/s"
-        print(f"batch: {cfg.data.total_batch_tokens} tokens/step = {B} x {T} x {dist_info.world_size} ranks x "
-              f"{accum_steps} accumulation steps | MFU peak {peak_text} per device, {flops / 1e6:.1f} MFLOP/token")
-        print("\n".join(plan.notes + resume_lines))
+        logger.write(f"batch: {cfg.data.total_batch_tokens} tokens/step = {B} x {T} x {dist_info.world_size} ranks x "
+                     f"{accum_steps} accumulation steps | MFU peak {peak_text} per device, "
+                     f"{flops / 1e6:.1f} MFLOP/token")
+        logger.write("\n".join(plan.notes + resume_lines))
 
     def periodic_jobs(step: int) -> None:
         """Validation loss and text samples of the model after `step` optimizer steps, when they are due."""
@@ -193,23 +199,21 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
             val_loss = evaluate(model, val_loader, cfg.train.val_steps, rt)
             logger.log({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
         if master and step > 0 and due(step, cfg.train.sample_interval, cfg.train.max_steps):
-            for text in generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
-                                      max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device):
-                print(f"sample: {text!r}")
+            texts = generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
+                                  max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device)
+            for i, text in enumerate(texts):
+                logger.write(f"--- sample {i + 1} of {len(texts)}, after {step} steps ---\n{text}")
 
     def log_step(step: int, lr: float, loss: float, grad_norm: float, dt: float, skipped: bool) -> None:
         if skipped:
             logger.log({"step": step, "skipped": True, "lr": lr},
                        f"step {step:6d} | loss {loss} | norm {grad_norm}: not applied, skipped "
                        f"({nonfinite.skipped} of train.skip_nonfinite={nonfinite.allowed})")
-        elif step % cfg.train.log_interval == 0 or step == cfg.train.max_steps - 1:
-            tokens_per_s = cfg.data.total_batch_tokens / dt
-            mfu = flops * tokens_per_s / dist_info.world_size / (peak * 1e12) if peak else None
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "ms": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
-            mfu_text = f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""
-            logger.log(record, f"step {step:6d} | loss {loss:.4f} | lr {lr:.3e} | norm {grad_norm:.3f}"
-                               f" | {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu_text}")
+            return
+        tokens_per_s = cfg.data.total_batch_tokens / dt
+        mfu = flops * tokens_per_s / dist_info.world_size / (peak * 1e12) if peak else None
+        logger.log_step({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": dt * 1000,
+                         "tokens_per_s": tokens_per_s, "mfu": mfu})
 
     def checkpoint_or_stop(steps_done: int, tokens_seen: int, stopping: bool, signal_name: str | None) -> bool:
         """Save when due or when stopping (every rank calls it: RNG states are gathered). True: stop now."""
@@ -221,15 +225,14 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
                                               config_dict, device)
         if master:
             checkpoint.prune_checkpoints(out_dir, cfg.train.keep_checkpoints, newest_step=steps_done)
-            print(f"saved {path}")
+            logger.write(f"saved {path}")
         if stopping:
             distributed.barrier()  # every rank leaves once the file is complete
             if master:
-                print(f"stopped by {signal_name or 'a signal to another rank'} after {steps_done} steps: saved "
-                      f"{path}; run the same command again to resume (train.resume=auto)")
+                logger.write(f"stopped by {signal_name or 'a signal to another rank'} after {steps_done} steps: "
+                             f"saved {path}; run the same command again to resume (train.resume=auto)")
         return stopping
 
-    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master)
     health = HealthMonitor(raw_model, out_dir / "health.jsonl", cfg.train.health_interval, cfg.optim.grad_clip,
                            rt.autocast, enabled=master)
     nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, out_dir)
@@ -251,6 +254,8 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
         periodic_jobs(cfg.train.max_steps)  # the final model, after the last optimizer step
     finally:
         logger.close()
+    if master:
+        summary.report(run_summary, out_dir, final_checkpoint=checkpoint.find_latest(out_dir))
 
 
 if __name__ == "__main__":

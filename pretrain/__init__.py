@@ -12,8 +12,12 @@
     resume        which checkpoint a run continues from (train.resume), one run per out_dir
     preemption    SIGTERM/SIGUSR1/SIGINT: every rank stops after the same step, rank 0 saves
     hf_export     a model as a Hugging Face GPT-2 folder (export_hf.py's engine)
-    sampling      prompts -> text through GPT.generate
-    metrics       FLOPs per token, MFU and the metrics log
+    sampling      prompts -> text through GPT.generate, streamed if asked
+    metrics       FLOPs per token, MFU and the metrics log (fanned out to trackers and the summary)
+    progress      the progress bar on a terminal, plain lines in a log
+    summary       the end-of-run summary (printed, and summary.json)
+    trackers      Weights & Biases and TensorBoard logging, optional
+    plots         plot.py's figure of training curves (matplotlib, optional)
     schedule      the learning-rate schedule
     fileio        atomic file writes
 

@@ -49,7 +49,7 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 where supported), bfloat16 or float32
     compile: str = "auto"  # torch.compile: auto (on for CUDA), true or false
     seed: int = 1337  # seeds the initial weights, dropout and sampling
-    log_interval: int = 1  # print and log a training step every N steps
+    log_interval: int = 1  # print a training step every N steps when not on a terminal (all go to metrics.jsonl)
     eval_interval: int = 250  # validation loss every N steps and at the last step; 0 disables
     val_steps: int = 20  # validation batches per evaluation on each rank
     sample_interval: int = 250  # print text samples every N steps; 0 disables
@@ -61,6 +61,8 @@ class TrainConfig:
     health_interval: int = 0  # record update/data ratios, gradients, activations to health.jsonl every N steps; 0: off
     resume: str = "auto"  # auto: continue from out_dir's newest checkpoint if any; none: start fresh; or a ckpt path
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm to skip (unapplied) before stopping
+    wandb_project: str = ""  # log metrics to this Weights & Biases project from rank 0 (needs wandb); empty: off
+    tensorboard: bool = False  # also write metrics as TensorBoard events to <out_dir>/tensorboard (needs tensorboard)
 
 
 @dataclass

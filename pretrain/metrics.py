@@ -1,11 +1,13 @@
-"""Throughput, model FLOPs utilisation and the per-step metrics log (stdout + one JSON object per line)."""
+"""Throughput, model FLOPs utilisation and the metrics log (one JSON object per line, fanned out to the sinks)."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from model import GPT
+from pretrain.progress import Progress
 from pretrain.runtime import measure_matmul_tflops
 
 # Dense bf16 peaks, TFLOP/s (vendor datasheets; the 2:4-sparse figures are twice these), by the exact name
@@ -53,10 +55,15 @@ def gpu_peak_tflops(device_name: str) -> float | None:
 
 
 class MetricsLogger:
-    """Prints one line per logged step and appends the same numbers as JSON to out_dir/metrics.jsonl."""
+    """Appends every record as one JSON line to out_dir/metrics.jsonl and hands it to the sinks (experiment
+    trackers, the run summary); lines to show go through the progress display (above its bar, if it draws one).
+    Disabled (other ranks), it does nothing."""
 
-    def __init__(self, path: str | Path | None, enabled: bool = True):
+    def __init__(self, path: str | Path | None, enabled: bool = True, progress: Progress | None = None,
+                 sinks: Sequence = ()):
         self.enabled = enabled
+        self.progress = progress
+        self.sinks = list(sinks) if enabled else []
         self.file = None
         if enabled and path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -66,10 +73,31 @@ class MetricsLogger:
         if not self.enabled:
             return
         if line is not None:
-            print(line, flush=True)
+            self.write(line)
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
+
+    def log_step(self, record: dict) -> None:
+        """A training step's record: logged in full, shown as the progress display decides (bar or every Nth)."""
+        self.log(record)
+        if self.enabled and self.progress is not None:
+            self.progress.update(record)
+
+    def write(self, line: str) -> None:
+        """Show a line (sample, checkpoint, ...) without logging a record."""
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        for sink in self.sinks:
+            sink.close()
         if self.file is not None:
             self.file.close()

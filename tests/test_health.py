@@ -290,6 +290,17 @@ def test_demo_settings_record_every_interval_without_warnings(demo_settings_run)
     assert len(first["activations"]["residual_norm"]) == 3  # embeddings and two blocks
 
 
+def test_plot_py_draws_a_runs_health(demo_settings_run, tmp_path):
+    out, _, _ = demo_settings_run
+    png = tmp_path / "health.png"
+    result = run_script("plot.py", out, "--health", "--out", png, timeout=120)
+    assert result.stdout == f"wrote {png}\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_health = run_script("plot.py", tmp_path, "--health", check=False, timeout=120)
+    assert no_health.returncode == 2
+    assert "train.health_interval" in no_health.stderr
+
+
 def test_two_ranks_record_what_one_process_records(tiny_shards, demo_settings_run, tmp_path):
     """Under DDP rank 0 writes the records, from gradients averaged over ranks: the same numbers as one process
     with twice the accumulation (and the same first micro-batch for the activations)."""

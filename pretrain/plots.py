@@ -1,0 +1,166 @@
+"""The training-curves figure of plot.py: one PNG comparing one or more runs from their metrics.jsonl.
+
+Panels: loss (train and validation) against step and against tokens seen, HellaSwag acc_norm (with OpenAI GPT-2
+124M's score when a run has that shape), learning rate, gradient norm and tokens/s. Each run keeps one colour in
+every panel. matplotlib is imported only here and only when a figure is made: training never needs it;
+nor does plotting need torch.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.fileio import atomic_path
+
+# HellaSwag acc_norm of OpenAI's GPT-2 124M, completion style (build-nanogpt / llm.c), the line to beat.
+GPT2_124M_HELLASWAG = 0.2955
+GPT2_124M_SHAPE = {"n_layer": 12, "n_head": 12, "n_embd": 768}
+
+
+class MetricsError(ValueError):
+    """A metrics file that is missing or not JSON lines; the message names the file and line."""
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order. A last line cut short (the run was killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"{path} does not exist (a run folder holds metrics.jsonl once training has started)")
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            is_cut_short = number == len(lines) and not text.endswith("\n")
+            if is_cut_short:
+                break
+            raise MetricsError(f"{path}, line {number}: not a JSON record: {line[:80]!r}") from None
+    return records
+
+
+PANELS = ("loss", "loss against tokens seen", "HellaSwag acc_norm", "learning rate", "gradient norm", "tokens/s")
+
+
+@dataclass
+class Run:
+    name: str
+    records: list[dict]
+    config: dict  # train_config.json, empty when the folder has none
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        return self.config.get("data", {}).get("total_batch_tokens")
+
+    @property
+    def is_gpt2_124m(self) -> bool:
+        model = self.config.get("model", {})
+        return all(model.get(key) == value for key, value in GPT2_124M_SHAPE.items())
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of every record that holds key."""
+        found = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
+        return [step for step, _ in found], [value for _, value in found]
+
+
+def read_run(run_dir: str | Path, name: str | None = None) -> Run:
+    run_dir = Path(run_dir)
+    config_path = run_dir / "train_config.json"
+    config = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise MetricsError(f"{config_path} is not valid JSON: {e}") from None
+    return Run(name or run_dir.name, read_metrics(run_dir / "metrics.jsonl"), config)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the window - 1 before it (fewer at the start)."""
+    averaged, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        averaged.append(total / min(i + 1, window))
+    return averaged
+
+
+def smoothing_window(num_points: int) -> int:
+    """Enough steps to average out batch-to-batch noise, still few against the run: 1/50 of it."""
+    return max(1, num_points // 50)
+
+
+def _plot_loss(ax, run: Run, color, tokens_per_step: int | None) -> None:
+    """Train loss per step (faint) and its moving average, validation loss as joined dots; x in steps, or in
+    tokens seen when tokens_per_step is given."""
+    scale = tokens_per_step or 1
+    # A step record's loss comes after training on that step's batch: (step + 1) batches seen. A validation
+    # record at step s is measured before step s trains: s batches seen.
+    steps, losses = run.series("loss")
+    x = [(s + 1) * scale if tokens_per_step else s for s in steps]
+    ax.plot(x, losses, color=color, linewidth=0.6, alpha=0.25, label=f"_{run.name} train per step")
+    ax.plot(x, moving_average(losses, smoothing_window(len(losses))), color=color, linewidth=1.2,
+            label=f"{run.name} train")
+    steps, val_losses = run.series("val_loss")
+    ax.plot([s * scale for s in steps], val_losses, color=color, marker="o", markersize=3, linestyle="--",
+            label=f"{run.name} val")
+
+
+def build_figure(runs: list[Run]):
+    """The figure (matplotlib Figure) with one axes per entry of PANELS, titled so."""
+    plt = pyplot()
+    fig, grid = plt.subplots(2, 3, figsize=(16, 8.5), layout="constrained")
+    axes = dict(zip(PANELS, grid.flat))
+    for ax, title in zip(grid.flat, PANELS):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes["loss against tokens seen"].set_xlabel("tokens seen")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    for i, run in enumerate(runs):
+        color = colors[i % len(colors)]
+        _plot_loss(axes["loss"], run, color, None)
+        if run.tokens_per_step:
+            _plot_loss(axes["loss against tokens seen"], run, color, run.tokens_per_step)
+        for panel, key in (("HellaSwag acc_norm", "hellaswag_acc_norm"), ("learning rate", "lr"),
+                           ("gradient norm", "grad_norm"), ("tokens/s", "tokens_per_s")):
+            steps, values = run.series(key)
+            if steps:
+                axes[panel].plot(steps, values, color=color, marker="o" if panel.startswith("Hella") else None,
+                                 markersize=3, label=run.name)
+
+    if any(run.is_gpt2_124m for run in runs):
+        axes["HellaSwag acc_norm"].axhline(GPT2_124M_HELLASWAG, color="gray", linestyle="--",
+                                           label=f"OpenAI GPT-2 124M ({GPT2_124M_HELLASWAG})")
+    if not any(run.series("hellaswag_acc_norm")[0] for run in runs):
+        axes["HellaSwag acc_norm"].text(0.5, 0.5, "no HellaSwag evaluations", ha="center", va="center",
+                                        transform=axes["HellaSwag acc_norm"].transAxes, color="gray")
+    if any(run.series("grad_norm")[0] for run in runs):
+        axes["gradient norm"].set_yscale("log")  # early spikes are orders of magnitude above the rest
+    for ax in axes.values():
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write the figure as a PNG; the file appears complete or not at all."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)

@@ -1,0 +1,108 @@
+"""The end-of-run summary: what a run reached and what it cost, printed and saved as <out_dir>/summary.json.
+
+It is built from the same records as metrics.jsonl (the MetricsLogger hands it each one), so the two always agree.
+Means are over the steps this process trained: mean tokens/s is tokens trained / time spent in training steps
+(evaluation and checkpoints excluded), and the mean MFU is the MFU at that throughput.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+from pretrain.fileio import atomic_write_text
+
+
+class RunSummary:
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.start_time = time.perf_counter()
+        self.steps = 0
+        self.last_step = None
+        self.final_loss = None
+        self.train_seconds = 0.0
+        self.mfu_seconds = 0.0  # sum of mfu * step time: divided by train_seconds, the time-weighted mean MFU
+        self.has_mfu = True
+        self.val = []  # (step, val_loss)
+        self.hellaswag = []  # (step, acc_norm)
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        if "loss" in record:
+            self.steps += 1
+            self.last_step = step
+            self.final_loss = record["loss"]
+            seconds = record["ms"] / 1000
+            self.train_seconds += seconds
+            if record.get("mfu") is None:
+                self.has_mfu = False
+            else:
+                self.mfu_seconds += record["mfu"] * seconds
+        if "val_loss" in record:
+            self.val.append((step, record["val_loss"]))
+        if "hellaswag_acc_norm" in record:
+            self.hellaswag.append((step, record["hellaswag_acc_norm"]))
+
+    def close(self) -> None:
+        pass
+
+    def result(self, final_checkpoint: str | Path | None) -> dict:
+        """The summary as a dict of plain values (None where the run has no such number)."""
+        best_val = min(self.val, key=lambda entry: entry[1], default=(None, None))
+        best_hellaswag = max(self.hellaswag, key=lambda entry: entry[1], default=(None, None))
+        tokens_seen = (self.last_step + 1) * self.tokens_per_step if self.last_step is not None else 0
+        trained_tokens = self.steps * self.tokens_per_step
+        has_time = self.train_seconds > 0
+        return {
+            "steps": self.last_step + 1 if self.last_step is not None else 0,
+            "tokens_seen": tokens_seen,
+            "wall_time_s": time.perf_counter() - self.start_time,
+            "final_train_loss": self.final_loss,
+            "final_val_loss": self.val[-1][1] if self.val else None,
+            "best_val_loss": best_val[1],
+            "best_val_loss_step": best_val[0],
+            "best_hellaswag_acc_norm": best_hellaswag[1],
+            "best_hellaswag_step": best_hellaswag[0],
+            "mean_tokens_per_s": trained_tokens / self.train_seconds if has_time else None,
+            "mean_mfu": self.mfu_seconds / self.train_seconds if has_time and self.has_mfu else None,
+            "final_checkpoint": str(final_checkpoint) if final_checkpoint is not None else None,
+        }
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s"
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The summary as a few lines for the terminal or the log."""
+    mfu = summary["mean_mfu"]
+    lines = [
+        f"summary: {summary['steps']:,} steps, {summary['tokens_seen']:,} tokens in "
+        f"{format_duration(summary['wall_time_s'])}",
+        f"  val loss {_number(summary['final_val_loss'], '.4f')} final, {_number(summary['best_val_loss'], '.4f')}"
+        f" best (step {summary['best_val_loss_step']}) | train loss {_number(summary['final_train_loss'], '.4f')}",
+        f"  {_number(summary['mean_tokens_per_s'], ',.0f')} tok/s mean | MFU "
+        + ("n/a" if mfu is None else f"{mfu * 100:.1f}%") + " mean",
+    ]
+    if summary["best_hellaswag_acc_norm"] is not None:
+        lines.append(f"  HellaSwag acc_norm {summary['best_hellaswag_acc_norm']:.4f} best "
+                     f"(step {summary['best_hellaswag_step']})")
+    lines.append(f"  final checkpoint {summary['final_checkpoint']}")
+    return lines
+
+
+def report(run_summary: RunSummary, out_dir: str | Path, final_checkpoint: str | Path | None) -> dict:
+    """Print the summary and write it to out_dir/summary.json (atomically); returns it."""
+    summary = run_summary.result(final_checkpoint)
+    for line in summary_lines(summary):
+        print(line, flush=True)
+    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,62 @@
+"""Experiment trackers: the records of metrics.jsonl, also sent to Weights & Biases and/or TensorBoard.
+
+Both are off by default and optional dependencies; asking for one that is not installed stops the run at
+startup with one line saying what to install, rather than after hours of training with nothing logged. Only
+rank 0 opens them (the MetricsLogger is their only caller). Each numeric value of a record becomes a scalar
+under its key, at the record's step.
+"""
+
+from pathlib import Path
+
+from pretrain.config import Config, ConfigError, to_dict
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The record's numbers other than the step (None, text and flags are left out)."""
+    return {key: value for key, value in record.items()
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)}
+
+
+class TensorBoardTracker:
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, record: dict) -> None:
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, global_step=record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    def __init__(self, project: str, run_dir: str | Path, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("train.wandb_project needs the wandb package: pip install wandb") from None
+        # The run folder's name names the W&B run; without network, WANDB_MODE=offline keeps it on disk for
+        # `wandb sync` later.
+        self.run = wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config)
+
+    def log(self, record: dict) -> None:
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_trackers(cfg: Config, out_dir: str | Path, enabled: bool = True) -> list:
+    """The trackers cfg asks for (none on ranks other than 0)."""
+    if not enabled:
+        return []
+    found = []
+    if cfg.train.tensorboard:
+        found.append(TensorBoardTracker(Path(out_dir) / "tensorboard"))
+    if cfg.train.wandb_project:
+        found.append(WandbTracker(cfg.train.wandb_project, out_dir, to_dict(cfg)))
+    return found

@@ -1,0 +1,90 @@
+"""Sample text from a training checkpoint or from OpenAI's GPT-2, with the same generate code as training.
+
+    python sample.py --checkpoint runs/demo                      # the run's newest checkpoint and its own prompt
+    python sample.py --checkpoint runs/demo/ckpt_000300.pt --prompt "class Parser:" --num-samples 3
+    python sample.py --model gpt2 --prompt "Hello, I'm a language model," --seed 7    # needs transformers
+
+One sample is printed as it is generated; several are printed when all are done. The same seed gives the same
+text. Messages about the model go to stderr, so stdout holds only the samples.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from pretrain import runtime
+from pretrain.checkpoint import CheckpointError, find_latest, load_model
+from pretrain.sampling import generate_text
+
+DEFAULT_PROMPT = "Hello, I'm a language model,"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
+    source.add_argument("--model", help="OpenAI GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a folder "
+                                        "written by save_pretrained; needs transformers")
+    parser.add_argument("--prompt", help="the text to continue (default: the checkpoint's train.sample_prompt, "
+                                         f"else {DEFAULT_PROMPT!r})")
+    parser.add_argument("--num-samples", type=int, default=1, help="how many continuations (default 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens generated per sample (default 100)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="below 1 sharper, above 1 more random; 0 always takes the likeliest token (default 1)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample among the k likeliest tokens; 0: all (default 50)")
+    parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same samples (default 1337)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error("--num-samples must be at least 1")
+    if args.max_new_tokens < 0:
+        parser.error("--max-new-tokens must be 0 or more")
+    if args.temperature < 0:
+        parser.error("--temperature must be 0 or more")
+    if args.top_k < 0:
+        parser.error("--top-k must be 0 or more")
+    return args
+
+
+def checkpoint_source(path: str) -> Path:
+    """The checkpoint file that --checkpoint names (a run folder means its newest)."""
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(f"checkpoint {source} does not exist")
+    if source.is_dir():
+        latest = find_latest(source)
+        if latest is None:
+            raise CheckpointError(f"{source} holds no checkpoint (ckpt_<step>.pt)")
+        return latest
+    return source
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    device = runtime.pick_device(args.device)
+    source = checkpoint_source(args.checkpoint) if args.checkpoint else args.model
+    model, meta = load_model(source, device)
+    prompt = args.prompt
+    if prompt is None:
+        prompt = meta.get("config", {}).get("train", {}).get("sample_prompt", DEFAULT_PROMPT)
+    step_text = f"step {meta['step']}, " if "step" in meta else ""
+    print(f"{source}: {step_text}{model.num_params() / 1e6:.1f}M parameters, on {device}", file=sys.stderr)
+
+    sample_args = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k or None, seed=args.seed, device=device)
+    if args.num_samples == 1:
+        generate_text(model, prompt, on_text=lambda text: print(text, end="", flush=True), **sample_args)
+        print()
+        return
+    for i, text in enumerate(generate_text(model, prompt, **sample_args)):
+        print(f"--- sample {i + 1} of {args.num_samples} ---")
+        print(text)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (CheckpointError, runtime.RuntimeChoiceError, ImportError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
