@@ -121,6 +121,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/demo.toml", help="a config with a demo corpus (default: the demo)")
     p.add_argument("--orders", default=",".join(ORDERS), help=f"comma-separated, from {', '.join(ORDERS)}")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16: one dtype for every order, "
+                   "not the config's auto, which a CPU decides by a timing that load can flip between runs")
     p.add_argument("--val-batches", type=int, default=100, help="validation batches scored (default 100)")
     args = p.parse_args()
     orders = args.orders.split(",")
@@ -131,7 +133,7 @@ def main() -> None:
     steps = args.steps or cfg.train.max_steps
     if cfg.data.demo:
         shard_builder.build_demo_corpus(cfg.data.dir)
-    rt = runtime.resolve(cfg.train.device, cfg.train.dtype, False)
+    rt = runtime.resolve(cfg.train.device, args.dtype, False)
     print(f"{steps} steps of {cfg.data.total_batch_tokens} tokens per order, on {rt.describe()}; validation loss "
           f"over the first {args.val_batches} val batches")
     for order in orders:
