@@ -29,8 +29,7 @@ from pretrain.tokenizer import EOT_ID, N_VOCAB
 
 SCAN_CHUNK = 1 << 20  # tokens examined at once when looking for document starts (a 1 MB mask)
 LANES = 4096  # lanes of a shuffled epoch; more than the rows of any step (64 rows x 64 GPUs), so rows never share one
-GROUP = 256  # documents per stored stream offset: finding a position sums at most this many document lengths
-ORDER_CHUNK = GROUP * 4096  # documents measured at once when laying out an epoch (bounds its temporary memory)
+ORDER_CHUNK = 1 << 20  # documents measured at once when laying out an epoch (bounds its temporary memory)
 
 
 def document_starts(tokens: np.ndarray, eot_id: int = EOT_ID) -> np.ndarray:
@@ -45,7 +44,7 @@ def document_starts(tokens: np.ndarray, eot_id: int = EOT_ID) -> np.ndarray:
 class _EpochOrder:
     """One shuffled epoch: its documents in stream order, and how its windows are dealt into lanes."""
     docs: np.ndarray  # (D,) uint32 document numbers (in file order) in stream order
-    group_starts: np.ndarray  # (ceil(D/GROUP)+1,) stream offset of docs[k*GROUP]; the last is the epoch's length
+    starts: np.ndarray  # (D+1,) int64 stream offset of each of them; the last is the epoch's length
     first_window: int  # windows of all earlier epochs: this epoch's windows are those starting in it
     windows: int
     lanes: np.ndarray  # the order in which a full column visits the lanes
@@ -80,8 +79,8 @@ class ShardLoader:
             raise ShardError(f"shard {self.paths[int(self.lengths.argmax())]} holds 2**32 tokens or more; the "
                              "shuffle indexes documents within a shard in 32 bits: split it into smaller shards")
         self.position = 0  # global stream offset of the next step, counted from the start of epoch 0
-        self._doc_offsets: np.ndarray | None = None  # (D,) uint32 offset of each document in its shard
-        self._first_doc = np.zeros(0, dtype=np.int64)  # (shards+1,) number of each shard's first document
+        self._doc_offsets: np.ndarray | None = None  # (D+1,) uint32 offset of each document in its shard, then 0
+        self._first_doc = np.zeros(0, dtype=np.int64)  # (shards+1,) number of each shard's first document, then D
         self._orders: OrderedDict[int, _EpochOrder] = OrderedDict()  # two epochs meet where a window straddles
 
     @property
@@ -95,11 +94,11 @@ class ShardLoader:
         B, T = self.batch_size, self.seq_len
         if self.shuffle:
             first_row = self.position // T + self.rank * B
-            rows = [self._read(self._window(g) * T, T + 1) for g in range(first_row, first_row + B)]
-            buf = torch.from_numpy(np.stack(rows))
+            starts = np.array([self._window(g) * T for g in range(first_row, first_row + B)], dtype=np.int64)
+            buf = torch.from_numpy(self._read(starts, T + 1).reshape(B, T + 1))
             x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
         else:
-            buf = torch.from_numpy(self._read(self.position + self.rank * B * T, B * T + 1))
+            buf = torch.from_numpy(self._read(np.array([self.position + self.rank * B * T]), B * T + 1))
             x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
         self.position += self.world_size * B * T
         return x, y
@@ -148,80 +147,77 @@ class ShardLoader:
             column, lane = per_lane, int(order.tail_lanes[k - lanes * per_lane])
         return order.first_window + lane * per_lane + min(lane, longer) + column
 
-    def _read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start+length) of the global stream as int64, crossing documents, shards and epochs."""
-        file_starts, lengths = [], []
-        while length > 0:
-            epoch, offset = divmod(start, self.epoch_tokens)
-            n = min(length, self.epoch_tokens - offset)
-            if self.shuffle:
-                spans = self._documents_between(self._order(epoch), offset, offset + n)
-            else:
-                spans = np.array([offset]), np.array([n])  # the stream is the files
-            file_starts.append(spans[0])
-            lengths.append(spans[1])
-            start, length = start + n, length - n
-        return self._read_files(np.concatenate(file_starts), np.concatenate(lengths))
+    def _read(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Tokens [s, s+length) of the global stream for each s in starts, concatenated, as int64."""
+        N = self.epoch_tokens
+        epoch, lo = np.divmod(starts, N)
+        head = np.minimum(length, N - lo)  # a window that crosses an epoch's end reads on in the next epoch
+        crosses = head < length
+        # pieces of at most one epoch each: (epoch, first offset, length, where it goes in the output)
+        pieces = (np.concatenate([epoch, epoch[crosses] + 1]), np.concatenate([lo, np.zeros(crosses.sum(), int)]),
+                  np.concatenate([head, length - head[crosses]]),
+                  np.concatenate([np.arange(len(starts)) * length, (np.flatnonzero(crosses) * length + head[crosses])]))
+        spans = []  # (start in the files' stream, length, where it goes in the output)
+        for e in np.unique(pieces[0]).tolist():
+            mine = pieces[0] == e
+            spans.append(self._file_spans(e, pieces[1][mine], pieces[2][mine], pieces[3][mine]))
+        return self._gather(*(np.concatenate(column) for column in zip(*spans)))
 
-    def _read_files(self, file_starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """The concatenation of the spans [file_starts[k], +lengths[k]) of the files' stream (the shards in name
-        order), from the memmaps. Token ids that GPT-2 does not have stop the run here, at their first read."""
-        pieces, sources = [], []
-        for start, n in zip(file_starts.tolist(), lengths.tolist()):
-            while n > 0:  # only the unshuffled stream has spans that cross a shard's end
-                shard = int(np.searchsorted(self.bases, start, side="right")) - 1
-                local = start - int(self.bases[shard])
-                take = min(n, int(self.bases[shard + 1]) - start)
-                pieces.append(self.shards[shard][local:local + take])
-                sources.append((shard, local))
-                start, n = start + take, n - take
-        tokens = np.concatenate(pieces, dtype=np.int64)
-        if tokens.max() >= N_VOCAB:
-            self._raise_bad_token(tokens, pieces, sources)
+    def _file_spans(self, epoch: int, lo: np.ndarray, n: np.ndarray, out: np.ndarray):
+        """Where epoch offsets [lo[k], lo[k]+n[k]) lie in the files' stream (the shards in name order), as spans
+        (file start, length, output position)."""
+        if not self.shuffle:
+            return lo, n, out  # the epoch is the files
+        order = self._order(epoch)
+        piece, doc, seg_lo, seg_hi = split_at(order.starts, lo, lo + n)  # documents in stream order
+        file_start = self._document_file_starts(order.docs[doc]) + seg_lo - order.starts[doc]
+        return file_start, seg_hi - seg_lo, out[piece] + seg_lo - lo[piece]
+
+    def _gather(self, file_start: np.ndarray, length: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Read spans of the files' stream from the memmaps into an output array. Token ids that GPT-2 does not
+        have stop the run here, at their first read."""
+        span, shard, seg_lo, seg_hi = split_at(self.bases, file_start, file_start + length)
+        if len(span) == 1:  # one contiguous read: unshuffled, within a shard
+            local = int(seg_lo[0] - self.bases[shard[0]])
+            read = self.shards[int(shard[0])][local:local + int(seg_hi[0] - seg_lo[0])].astype(np.int64)
+            self._check_ids(read, lambda at: (int(shard[0]), local + at))
+            return read
+        # spans sorted by shard, so that each shard is read with one fancy index
+        by_shard = np.argsort(shard, kind="stable")
+        span, shard, seg_lo, seg_hi = span[by_shard], shard[by_shard], seg_lo[by_shard], seg_hi[by_shard]
+        local_offsets = ranges(seg_lo - self.bases[shard], seg_hi - seg_lo)
+        shard_ends = np.cumsum(np.bincount(shard, weights=seg_hi - seg_lo, minlength=len(self.shards)).astype(int))
+        read = np.empty(len(local_offsets), dtype=np.int64)
+        for s in np.unique(shard).tolist():
+            lo = shard_ends[s - 1] if s else 0
+            read[lo:shard_ends[s]] = self.shards[s][local_offsets[lo:shard_ends[s]]]
+        self._check_ids(read, lambda at: (int(np.searchsorted(shard_ends, at, side="right")), int(local_offsets[at])))
+        tokens = np.empty_like(read)
+        tokens[ranges(out[span] + seg_lo - file_start[span], seg_hi - seg_lo)] = read
         return tokens
 
-    def _raise_bad_token(self, tokens: np.ndarray, pieces: list[np.ndarray], sources: list[tuple[int, int]]):
+    def _check_ids(self, tokens: np.ndarray, where) -> None:
+        """Ids >= N_VOCAB are the model's padded rows (never trained) or past its embedding (a crash deep inside
+        it): stop with the shard and offset, which where(index in tokens) gives."""
+        if tokens.max() < N_VOCAB:
+            return
         at = int(np.argmax(tokens >= N_VOCAB))
-        piece = int(np.searchsorted(np.cumsum([len(p) for p in pieces]), at, side="right"))
-        shard, local = sources[piece]
-        offset = local + at - sum(len(p) for p in pieces[:piece])
+        shard, offset = where(at)
         raise ShardError(f"shard {self.paths[shard]}: token id {tokens[at]} at token offset {offset} is not a GPT-2 "
-                         f"token (ids are 0..{N_VOCAB - 1}; the model's padded rows are never trained and ids past "
-                         "its vocab_size do not exist): was this shard written with another tokenizer?")
+                         f"token (ids are 0..{N_VOCAB - 1}): was this shard written with another tokenizer?")
 
     # -- the shuffle ---------------------------------------------------------------------------------------------
 
-    def _documents_between(self, order: _EpochOrder, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """The file spans (starts, lengths) that make up stream offsets [lo, hi) of one shuffled epoch."""
-        group = int(np.searchsorted(order.group_starts, lo, side="right")) - 1
-        pos, first = int(order.group_starts[group]), group * GROUP
-        file_starts, lengths = [], []
-        while pos < hi:
-            doc_file_start, doc_len = self._document_spans(order.docs[first:first + GROUP])
-            doc_end = pos + np.cumsum(doc_len)
-            doc_start = doc_end - doc_len
-            seg_lo = np.maximum(doc_start, lo)
-            seg_hi = np.minimum(doc_end, hi)
-            touched = seg_hi > seg_lo
-            file_starts.append((doc_file_start + seg_lo - doc_start)[touched])
-            lengths.append((seg_hi - seg_lo)[touched])
-            pos, first = int(doc_end[-1]), first + GROUP
-        return np.concatenate(file_starts), np.concatenate(lengths)
-
-    def _document_spans(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Where documents (numbered in file order) start in the files' stream, and their lengths."""
+    def _document_file_starts(self, docs: np.ndarray) -> np.ndarray:
+        """Where documents (numbered in file order; D is the end of the last) start in the files' stream."""
         docs = docs.astype(np.int64)
         shard = np.searchsorted(self._first_doc, docs, side="right") - 1  # empty shards have no documents to match
-        start = self._doc_offsets[docs].astype(np.int64)
-        is_last_of_shard = docs + 1 == self._first_doc[shard + 1]
-        following = self._doc_offsets[np.minimum(docs + 1, len(self._doc_offsets) - 1)]
-        end = np.where(is_last_of_shard, self.lengths[shard], following)
-        return self.bases[shard] + start, end - start
+        return self.bases[shard] + self._doc_offsets[docs]
 
     def _index_documents(self) -> None:
         """Find every document of the split: one pass over the shards, on the first shuffled read."""
         offsets = [document_starts(tokens).astype(np.uint32) for tokens in self.shards]
-        self._doc_offsets = np.concatenate(offsets)
+        self._doc_offsets = np.concatenate(offsets + [np.zeros(1, dtype=np.uint32)])
         self._first_doc = np.concatenate([[0], np.cumsum([len(o) for o in offsets])])
 
     def _order(self, epoch: int) -> _EpochOrder:
@@ -235,16 +231,36 @@ class ShardLoader:
 
     def _shuffle(self, epoch: int) -> _EpochOrder:
         rng = np.random.default_rng([self.seed, epoch])
-        docs = np.arange(len(self._doc_offsets), dtype=np.uint32)
+        docs = np.arange(len(self._doc_offsets) - 1, dtype=np.uint32)
         rng.shuffle(docs)
-        group_lengths = []
+        starts = np.zeros(len(docs) + 1, dtype=np.int64)
         for lo in range(0, len(docs), ORDER_CHUNK):
-            doc_len = self._document_spans(docs[lo:lo + ORDER_CHUNK])[1]
-            group_lengths.append(np.add.reduceat(doc_len, np.arange(0, len(doc_len), GROUP)))
-        group_starts = np.concatenate([[0], np.cumsum(np.concatenate(group_lengths))])
+            chunk = docs[lo:lo + ORDER_CHUNK].astype(np.int64)
+            doc_len = self._document_file_starts(chunk + 1) - self._document_file_starts(chunk)
+            starts[lo + 1:lo + 1 + len(chunk)] = starts[lo] + np.cumsum(doc_len)
         # the windows that start in this epoch: a window straddling its end belongs to it, and ends in the next
         first_window = -(-epoch * self.epoch_tokens // self.seq_len)
         windows = -(-(epoch + 1) * self.epoch_tokens // self.seq_len) - first_window
         lanes = min(self.lanes, windows)
-        return _EpochOrder(docs, group_starts, first_window, windows, rng.permutation(lanes),
+        return _EpochOrder(docs, starts, first_window, windows, rng.permutation(lanes),
                            rng.permutation(windows % lanes))
+
+
+def split_at(bounds: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Cut the spans [lo[k], hi[k]) where they cross the sorted bounds. Returns, for each piece in order, the span it
+    comes from, the interval i (bounds[i] <= piece < bounds[i+1]) it lies in, and its ends."""
+    first = np.searchsorted(bounds, lo, side="right") - 1
+    last = np.searchsorted(bounds, hi - 1, side="right") - 1
+    count = last - first + 1
+    span = np.repeat(np.arange(len(lo)), count)
+    interval = ranges(first, count)
+    seg_lo = np.maximum(bounds[interval], lo[span])
+    seg_hi = np.minimum(bounds[interval + 1], hi[span])
+    nonempty = seg_hi > seg_lo  # empty intervals (empty shards) inside a span
+    return span[nonempty], interval[nonempty], seg_lo[nonempty], seg_hi[nonempty]
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(starts[k], starts[k] + lengths[k]) over k, without a Python loop."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
