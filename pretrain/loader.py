@@ -150,19 +150,16 @@ class ShardLoader:
 
     def _read(self, starts: np.ndarray, length: int) -> np.ndarray:
         """Tokens [s, s+length) of the global stream for each s in starts, concatenated, as int64."""
-        N = self.epoch_tokens
-        epoch, lo = np.divmod(starts, N)
-        head = np.minimum(length, N - lo)  # a window that crosses an epoch's end reads on in the next epoch
-        crosses = head < length
-        # pieces of at most one epoch each: (epoch, first offset, length, where it goes in the output)
-        pieces = (np.concatenate([epoch, epoch[crosses] + 1]), np.concatenate([lo, np.zeros(crosses.sum(), int)]),
-                  np.concatenate([head, length - head[crosses]]),
-                  np.concatenate([np.arange(len(starts)) * length, (np.flatnonzero(crosses) * length + head[crosses])]))
-        spans = []  # (start in the files' stream, length, where it goes in the output)
-        for e in np.unique(pieces[0]).tolist():
-            mine = pieces[0] == e
-            spans.append(self._file_spans(e, pieces[1][mine], pieces[2][mine], pieces[3][mine]))
-        return self._gather(*(np.concatenate(column) for column in zip(*spans)))
+        epoch, lo = np.divmod(starts, self.epoch_tokens)
+        n = np.minimum(length, self.epoch_tokens - lo)
+        out = np.arange(len(starts)) * length  # where each piece goes in the output
+        crosses = n < length  # a window that crosses an epoch's end reads on at the start of the next epoch
+        epoch = np.concatenate([epoch, epoch[crosses] + 1])
+        lo = np.concatenate([lo, np.zeros(crosses.sum(), dtype=np.int64)])
+        out = np.concatenate([out, out[crosses] + n[crosses]])
+        n = np.concatenate([n, length - n[crosses]])
+        spans = [self._file_spans(e, lo[epoch == e], n[epoch == e], out[epoch == e]) for e in np.unique(epoch).tolist()]
+        return self._gather(*map(np.concatenate, zip(*spans)))
 
     def _file_spans(self, epoch: int, lo: np.ndarray, n: np.ndarray, out: np.ndarray):
         """Where epoch offsets [lo[k], lo[k]+n[k]) lie in the files' stream (the shards in name order), as spans
@@ -187,11 +184,12 @@ class ShardLoader:
         by_shard = np.argsort(shard, kind="stable")
         span, shard, seg_lo, seg_hi = span[by_shard], shard[by_shard], seg_lo[by_shard], seg_hi[by_shard]
         local_offsets = ranges(seg_lo - self.bases[shard], seg_hi - seg_lo)
-        shard_ends = np.cumsum(np.bincount(shard, weights=seg_hi - seg_lo, minlength=len(self.shards)).astype(int))
+        counts = np.bincount(shard, weights=seg_hi - seg_lo, minlength=len(self.shards)).astype(np.int64)
+        shard_ends = np.cumsum(counts)
         read = np.empty(len(local_offsets), dtype=np.int64)
-        for s in np.unique(shard).tolist():
-            lo = shard_ends[s - 1] if s else 0
-            read[lo:shard_ends[s]] = self.shards[s][local_offsets[lo:shard_ends[s]]]
+        for s in np.flatnonzero(counts).tolist():
+            mine = slice(shard_ends[s] - counts[s], shard_ends[s])
+            read[mine] = self.shards[s][local_offsets[mine]]
         self._check_ids(read, lambda at: (int(np.searchsorted(shard_ends, at, side="right")), int(local_offsets[at])))
         tokens = np.empty_like(read)
         tokens[ranges(out[span] + seg_lo - file_start[span], seg_hi - seg_lo)] = read

@@ -249,9 +249,10 @@ def test_rows_of_a_batch_come_from_different_documents(tmp_path: Path) -> None:
         assert sum(distinct) >= 20 * 8 - 2, distinct
 
 
-def test_shuffled_ranks_read_every_token_once_per_epoch_across_epoch_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lanes", [4096, 5])  # every window its own lane; 14-15 windows a lane, 4 in the last column
+def test_shuffled_ranks_read_every_token_once_per_epoch_across_epoch_ends(tmp_path: Path, lanes: int) -> None:
     stream = make_split(tmp_path, [250, 340])  # 590-token epochs: windows of 8 straddle most epoch ends
-    ranks = [ShardLoader(tmp_path, "train", 2, 8, rank=r, world_size=2) for r in range(2)]
+    ranks = [ShardLoader(tmp_path, "train", 2, 8, rank=r, world_size=2, lanes=lanes) for r in range(2)]
     seen = Counter(np.concatenate([stream_of(take(loader, 295)) for loader in ranks]).tolist())  # 16 epochs
     assert seen == Counter({tok: 16 * count for tok, count in Counter(stream.tolist()).items()})
 
@@ -287,14 +288,15 @@ def assert_plain(value) -> None:
             assert_plain(v)
 
 
-@pytest.mark.parametrize("k, m, through_torch_save", [
-    (3, 5, False),  # mid-epoch
-    (15, 8, False),  # the m batches cross into the next epoch (steps of 32 tokens, 590-token epochs)
-    (25, 4, True),  # restored from a checkpoint file, in the second epoch
+@pytest.mark.parametrize("k, m, through_torch_save, lanes", [
+    (3, 5, False, 4096),  # mid-epoch
+    (15, 8, False, 4096),  # the m batches cross into the next epoch (steps of 32 tokens, 590-token epochs)
+    (16, 6, False, 7),  # lanes of ~10 windows, crossing the epoch's last column into the next epoch
+    (25, 4, True, 4096),  # restored from a checkpoint file, in the second epoch
 ])
-def test_state_round_trip(tmp_path: Path, k: int, m: int, through_torch_save: bool) -> None:
+def test_state_round_trip(tmp_path: Path, k: int, m: int, through_torch_save: bool, lanes: int) -> None:
     make_split(tmp_path / "data", [250, 340])
-    original = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7)
+    original = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7, lanes=lanes)
     take(original, k)
     state = original.state_dict()
     assert_plain(state)
@@ -302,7 +304,7 @@ def test_state_round_trip(tmp_path: Path, k: int, m: int, through_torch_save: bo
     if through_torch_save:
         torch.save({"loader": state}, tmp_path / "ckpt.pt")
         state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
-    restored = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7)
+    restored = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7, lanes=lanes)
     restored.load_state_dict(state)
     assert (restored.position, restored.epoch) == (state["position"], state["epoch"]) == (k * 32, k * 32 // 590)
     assert_same_batches(take(restored, m), expected)
