@@ -2,6 +2,7 @@
 
     python bench_data.py                      # the stdlib sources (~5.6M tokens), ~30 s on 2 cores
     python bench_data.py --files 200 --batches 50   # smaller and quicker
+    python bench_data.py --shards data/demo         # only the loader, on shards you already have
 
 Both parts print a ratio of two things measured in the same run, since absolute numbers on a shared machine
 drift from one minute to the next:
@@ -90,7 +91,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batches", type=int, default=200, help="loader batches timed per mode")
+    p.add_argument("--shards", type=Path, default=None, help="time only the loader, on this folder's train shards")
     args = p.parse_args()
+    if args.shards:
+        bench_loader(args.shards, args.batch_size, args.seq_len, args.batches, args.repeats)
+        return
     files = stdlib_sources()[:args.files]
     with tempfile.TemporaryDirectory() as tmp:
         shards = bench_pipeline(files, args.workers, args.repeats, Path(tmp))
