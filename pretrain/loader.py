@@ -29,7 +29,7 @@ from pretrain.shards import ShardError, list_shards, read_shard
 from pretrain.tokenizer import EOT_ID, N_VOCAB
 
 SCAN_CHUNK = 1 << 20  # tokens examined at once when looking for document starts (a 1 MB mask)
-LANES = 4096  # lanes of a shuffled epoch; more than the rows of any step (64 rows x 64 GPUs), so rows never share one
+LANES = 4096  # lanes of a shuffled epoch: as many as the rows of a step on 64 GPUs (B=64), so no two share one
 ORDER_CHUNK = 1 << 20  # documents measured at once when laying out an epoch (bounds its temporary memory)
 
 
@@ -115,9 +115,10 @@ class ShardLoader:
         return identity
 
     def state_dict(self) -> dict:
-        # batch_size and world_size are informational: a step's rows are numbered globally, so they may change
+        # batch_size and world_size are informational (a step's rows are numbered over the run, so they may change),
+        # and so is seq_len unless shuffled
         return {"position": self.position, "epoch": self.epoch, "batch_size": self.batch_size,
-                "world_size": self.world_size, **self._identity(), "seq_len": self.seq_len}
+                "seq_len": self.seq_len, "world_size": self.world_size, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._identity()
