@@ -25,8 +25,8 @@ class DataConfig:
     seq_len: int = 1024  # tokens per sequence, at most model.block_size
     micro_batch_size: int = 64  # sequences per forward/backward on one device
     total_batch_tokens: int = 524288  # tokens per optimizer step over all devices; 2**19 ~ 0.5M (GPT-3 125M)
-    shuffle: bool = True  # permute shards and documents every epoch (validation is never shuffled)
-    seed: int = 1337  # seeds the per-epoch shuffle of shards and documents
+    shuffle: bool = True  # shuffle documents over all shards each epoch; false: files in order (val never is)
+    seed: int = 1337  # seeds the per-epoch shuffle of the documents and lanes
 
 
 @dataclass

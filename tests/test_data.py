@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 from pretrain import loader as loader_module
 from pretrain.loader import ShardLoader, document_starts
 from pretrain.shards import ShardError, read_shard, write_shard
-from pretrain.tokenizer import EOT_ID
+from pretrain.tokenizer import EOT_ID, N_VOCAB
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
@@ -152,13 +153,16 @@ def test_document_starts(monkeypatch: pytest.MonkeyPatch, tokens: list[int], sta
 
 # ---- batches ----------------------------------------------------------------------------------------------------
 
-def test_targets_are_inputs_shifted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_targets_are_inputs_shifted(tmp_path: Path, shuffle: bool) -> None:
     make_split(tmp_path, [400, 300])
-    loader = ShardLoader(tmp_path, "train", batch_size=3, seq_len=16)
+    loader = ShardLoader(tmp_path, "train", batch_size=3, seq_len=16, shuffle=shuffle)
     for x, y in take(loader, 20):
-        assert x.shape == y.shape == (3, 16) and x.dtype == y.dtype == torch.int64
+        assert x.shape == y.shape == (3, 16)
+        assert x.dtype == y.dtype == torch.int64
         assert torch.equal(y[:, :-1], x[:, 1:])
-        assert torch.equal(y[:-1, -1], x[1:, 0])  # the rows of a batch are one contiguous window
+        if not shuffle:
+            assert torch.equal(y[:-1, -1], x[1:, 0])  # unshuffled, the rows of a batch are one contiguous window
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
@@ -183,26 +187,74 @@ def test_two_ranks_cover_every_token_once_per_epoch(tmp_path: Path) -> None:
     assert max(c for tok, c in seen.items() if tok != EOT_ID) == 1
 
 
-def test_shuffle_permutes_whole_documents(tmp_path: Path) -> None:
+def test_shuffle_permutes_whole_documents_over_all_shards(tmp_path: Path) -> None:
     sizes = [160, 96, 224]  # 480 tokens = 30 batches of 2 x 8
     stream = make_split(tmp_path, sizes)
     bounds = np.cumsum([0] + sizes)
     shard_docs = [documents(stream[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     doc_of = {tok: i for i, doc in enumerate(d for docs in shard_docs for d in docs) for tok in doc if tok != EOT_ID}
 
-    loader = ShardLoader(tmp_path, "train", 2, 8)
+    loader = ShardLoader(tmp_path, "train", 2, 8, lanes=1)  # one lane: the rows read the epoch's stream in order
     assert loader.shuffle
     shuffled = split_documents(stream_of(take(loader, 30)), doc_of)
     originals = [d for docs in shard_docs for d in docs]
     assert Counter(shuffled) == Counter(originals)  # every document intact, each exactly once
     assert shuffled != originals
     lead = shard_docs[0][0]
-    assert lead[0] != EOT_ID and all(d[0] == EOT_ID for d in shuffled if d != lead)
-    # documents are permuted within their shard: each shard's documents stay together, shards in some order
-    runs = [next(i for i, docs in enumerate(shard_docs) if d in docs) for d in shuffled]
-    assert all([d for d, k in zip(shuffled, runs) if k == i] != docs for i, docs in enumerate(shard_docs))
-    assert [k for i, k in enumerate(runs) if i == 0 or k != runs[i - 1]] in [[0, 1, 2], [0, 2, 1], [1, 0, 2],
-                                                                              [1, 2, 0], [2, 0, 1], [2, 1, 0]]
+    assert lead[0] != EOT_ID
+    assert all(d[0] == EOT_ID for d in shuffled if d != lead)
+    # one shuffle over all shards: the shards' documents interleave, instead of coming shard after shard
+    shard_of = [next(i for i, docs in enumerate(shard_docs) if d in docs) for d in shuffled]
+    switches = sum(a != b for a, b in zip(shard_of[:-1], shard_of[1:]))
+    assert switches > len(shuffled) / 3
+
+
+def shards_of_bands(data_dir: Path, sizes: list[int], band: int = 10_000, longest: int = 12) -> None:
+    """Train shards whose tokens (other than EOT) come from band i*band+1 .. (i+1)*band-1 in shard i."""
+    rng = np.random.default_rng(5)
+    shards = []
+    for i, n in enumerate(sizes):
+        tokens = rng.integers(i * band + 1, (i + 1) * band, size=n)
+        tokens[make_docs(n, rng, longest=longest) == EOT_ID] = EOT_ID
+        shards.append(tokens)
+    write_split(data_dir, shards)
+
+
+def test_first_percent_of_an_epoch_samples_every_shard_in_proportion(tmp_path: Path) -> None:
+    sizes = [40_000, 80_000, 120_000, 160_000]
+    shards_of_bands(tmp_path, sizes)
+    loader = ShardLoader(tmp_path, "train", 4, 16, seed=3)
+    steps = sum(sizes) // 100 // 64  # the first 1% of the epoch
+    tokens = stream_of(take(loader, steps))
+    shard_of = tokens[tokens != EOT_ID] // 10_000
+    observed = np.bincount(shard_of, minlength=len(sizes)) / len(shard_of)
+    expected = np.array(sizes) / sum(sizes)
+    # ~6250 rows of tokens in ~390 windows of ~2-3 documents: a standard deviation of about 0.02 per shard
+    np.testing.assert_allclose(observed, expected, atol=0.06)
+
+
+def test_rows_of_a_batch_come_from_different_documents(tmp_path: Path) -> None:
+    n_docs, doc_len = 2000, 500  # documents 4x longer than a whole 8 x 16 batch
+    tokens = np.repeat(np.arange(1, n_docs + 1), doc_len)
+    tokens[::doc_len] = EOT_ID
+    write_split(tmp_path, [tokens[:len(tokens) // 3], tokens[len(tokens) // 3:]])
+    for world_size in (1, 2):
+        ranks = [ShardLoader(tmp_path, "train", 8 // world_size, 16, rank=r, world_size=world_size, seed=11)
+                 for r in range(world_size)]
+        distinct = []
+        for _ in range(20):
+            rows = torch.cat([loader.next_batch()[0] for loader in ranks])  # one step, over all ranks
+            distinct.append(len({int(row.max()) for row in rows}))  # a row's document: its (largest) token
+        # independent rows would share a document in ~1 step of 70 (28 pairs, 1 in 2000 each)
+        assert sum(distinct) >= 20 * 8 - 2, distinct
+
+
+@pytest.mark.parametrize("lanes", [4096, 5])  # every window its own lane; 14-15 windows a lane, 4 in the last column
+def test_shuffled_ranks_read_every_token_once_per_epoch_across_epoch_ends(tmp_path: Path, lanes: int) -> None:
+    stream = make_split(tmp_path, [250, 340])  # 590-token epochs: windows of 8 straddle most epoch ends
+    ranks = [ShardLoader(tmp_path, "train", 2, 8, rank=r, world_size=2, lanes=lanes) for r in range(2)]
+    seen = Counter(np.concatenate([stream_of(take(loader, 295)) for loader in ranks]).tolist())  # 16 epochs
+    assert seen == Counter({tok: 16 * count for tok, count in Counter(stream.tolist()).items()})
 
 
 def test_shuffle_changes_with_seed_and_epoch(tmp_path: Path) -> None:
@@ -236,14 +288,15 @@ def assert_plain(value) -> None:
             assert_plain(v)
 
 
-@pytest.mark.parametrize("k, m, through_torch_save", [
-    (3, 5, False),  # mid-epoch
-    (15, 8, False),  # the m batches cross into the next epoch (steps of 32 tokens, 590-token epochs)
-    (25, 4, True),  # restored from a checkpoint file, in the second epoch
+@pytest.mark.parametrize("k, m, through_torch_save, lanes", [
+    (3, 5, False, 4096),  # mid-epoch
+    (15, 8, False, 4096),  # the m batches cross into the next epoch (steps of 32 tokens, 590-token epochs)
+    (16, 6, False, 7),  # lanes of ~10 windows, crossing the epoch's last column into the next epoch
+    (25, 4, True, 4096),  # restored from a checkpoint file, in the second epoch
 ])
-def test_state_round_trip(tmp_path: Path, k: int, m: int, through_torch_save: bool) -> None:
+def test_state_round_trip(tmp_path: Path, k: int, m: int, through_torch_save: bool, lanes: int) -> None:
     make_split(tmp_path / "data", [250, 340])
-    original = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7)
+    original = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7, lanes=lanes)
     take(original, k)
     state = original.state_dict()
     assert_plain(state)
@@ -251,7 +304,7 @@ def test_state_round_trip(tmp_path: Path, k: int, m: int, through_torch_save: bo
     if through_torch_save:
         torch.save({"loader": state}, tmp_path / "ckpt.pt")
         state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
-    restored = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7)
+    restored = ShardLoader(tmp_path / "data", "train", 2, 8, rank=1, world_size=2, seed=7, lanes=lanes)
     restored.load_state_dict(state)
     assert (restored.position, restored.epoch) == (state["position"], state["epoch"]) == (k * 32, k * 32 // 590)
     assert_same_batches(take(restored, m), expected)
@@ -267,6 +320,18 @@ def test_state_restores_under_another_world_size(tmp_path: Path) -> None:
     for loader in ranks:
         loader.load_state_dict(state)
     assert_same_batches([ranks[i % 2].next_batch() for i in range(6)], expected)
+
+
+def test_two_ranks_read_the_rows_of_one_process_with_their_batch(tmp_path: Path) -> None:
+    make_split(tmp_path, [300, 211])
+    single = ShardLoader(tmp_path, "train", 4, 8)
+    take(single, 5)
+    state = single.state_dict()
+    ranks = [ShardLoader(tmp_path, "train", 2, 8, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    for x, y in take(single, 20):  # past the end of the epoch
+        assert torch.equal(torch.cat([ranks[0].next_batch()[0], ranks[1].next_batch()[0]]), x)
 
 
 def test_val_reset_yields_identical_batches(tmp_path: Path) -> None:
@@ -288,6 +353,10 @@ def test_load_state_dict_rejects_changed_data(tmp_path: Path) -> None:
         ShardLoader(tmp_path, "train", 2, 8, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="shuffle"):
         ShardLoader(tmp_path, "train", 2, 8, shuffle=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="seq_len"):
+        ShardLoader(tmp_path, "train", 2, 16).load_state_dict(state)  # a position counts windows of seq_len
+    with pytest.raises(ValueError, match="lanes"):
+        ShardLoader(tmp_path, "train", 2, 8, lanes=3).load_state_dict(state)
     with pytest.raises(ValueError, match="has no 'split'"):
         ShardLoader(tmp_path, "train", 2, 8).load_state_dict({"position": 0})
     write_shard(tmp_path / "tiny_train_000001.bin", np.arange(199))  # same name, one token fewer
@@ -333,3 +402,46 @@ def test_bad_arguments(tmp_path: Path) -> None:
         ShardLoader(tmp_path, "train", 2, 8, rank=2, world_size=2)
     with pytest.raises(FileNotFoundError, match="no val shards"):
         ShardLoader(tmp_path, "val", 2, 8)
+
+
+# ---- token ids ---------------------------------------------------------------------------------------------------
+
+def plant_token(path: Path, offset: int, token_id: int) -> None:
+    tokens = np.array(read_shard(path))
+    tokens[offset] = token_id
+    write_shard(path, tokens)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("token_id", [N_VOCAB, 50303, 60000])  # the first padded id, the last, past 124M's vocab
+def test_token_ids_outside_gpt2_stop_at_their_first_read(tmp_path: Path, shuffle: bool, token_id: int) -> None:
+    make_split(tmp_path, [300, 200])
+    path = tmp_path / "tiny_train_000001.bin"
+    plant_token(path, 123, token_id)
+    loader = ShardLoader(tmp_path, "train", 2, 8, shuffle=shuffle)
+    with pytest.raises(ShardError, match=f"token id {token_id} at token offset 123 ") as info:
+        take(loader, 32)  # one epoch
+    assert str(path) in str(info.value)
+
+
+def test_the_last_gpt2_id_is_read(tmp_path: Path) -> None:
+    make_split(tmp_path, [300])
+    plant_token(tmp_path / "tiny_train_000000.bin", 5, N_VOCAB - 2)
+    x, _ = ShardLoader(tmp_path, "train", 2, 8, shuffle=False).next_batch()
+    assert x[0, 5] == N_VOCAB - 2
+
+
+def test_training_stops_with_one_line_on_a_token_outside_gpt2(tiny_shards: Path, tmp_path: Path) -> None:
+    for shard in tiny_shards.iterdir():
+        (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    plant_token(tmp_path / "tiny_train_000000.bin", 10, 50300)
+    result = run_script("train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={tmp_path}", "--data.demo=false",
+                        f"--train.out_dir={tmp_path / 'run'}", "--model.n_layer=1", "--model.n_head=2",
+                        "--model.n_embd=32", "--model.block_size=32", "--data.seq_len=32",
+                        "--data.micro_batch_size=2", "--data.total_batch_tokens=64", "--data.shuffle=false",
+                        "--train.dtype=float32", "--train.compile=false", "--train.eval_interval=0",
+                        "--train.max_steps=2", check=False, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "tiny_train_000000.bin: token id 50300 at token offset 10 " in lines[0]
