@@ -16,9 +16,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from pretrain import checkpoint, distributed, runtime, shard_builder
+from pretrain import checkpoint, distributed, hellaswag_scoring, runtime, shard_builder
 from pretrain.config import Config, ConfigError, HelpRequested, grad_accum_steps, load_config, to_dict
 from pretrain.fileio import atomic_write_text
+from pretrain.hellaswag import HellaSwagError
 from pretrain.loader import ShardLoader
 from pretrain.metrics import MetricsLogger, flops_per_token, peak_tflops
 from pretrain.sampling import generate_text
@@ -101,6 +102,7 @@ def main(argv: list[str]) -> None:
     loader_args = dict(batch_size=B, seq_len=T, rank=dist_info.rank, world_size=dist_info.world_size)
     train_loader = ShardLoader(cfg.data.dir, "train", shuffle=cfg.data.shuffle, seed=cfg.data.seed, **loader_args)
     val_loader = ShardLoader(cfg.data.dir, "val", shuffle=False, **loader_args) if cfg.train.eval_interval else None
+    hellaswag_data = hellaswag_scoring.load_for_training(cfg.train, master)
 
     raw_model = GPT(cfg.model).to(device)
     optimizer = raw_model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
@@ -126,6 +128,9 @@ def main(argv: list[str]) -> None:
         if val_loader is not None and due(step, cfg.train.eval_interval, last_step):
             val_loss = evaluate(model, val_loader, cfg.train.val_steps, rt)
             logger.log({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
+        if hellaswag_data is not None and due(step, cfg.train.hellaswag_interval, last_step):
+            hellaswag = hellaswag_scoring.evaluate(model, hellaswag_data, rt)
+            logger.log({"step": step, **hellaswag.metrics()}, f"step {step:6d} | {hellaswag}")
         if master and step > 0 and due(step, cfg.train.sample_interval, last_step):
             for text in generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
                                       max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device):
@@ -166,6 +171,6 @@ if __name__ == "__main__":
     except HelpRequested as help:
         print(help)
     except (ConfigError, ShardError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged,
-            runtime.RuntimeChoiceError) as e:
+            runtime.RuntimeChoiceError, HellaSwagError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -57,6 +57,10 @@ class TrainConfig:
     checkpoint_interval: int = 1000  # save every N steps (0: only the final step, which is always saved)
     keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
+    hellaswag_interval: int = 0  # HellaSwag accuracy every N steps and at the last step; 0 disables
+    hellaswag_limit: int = 0  # HellaSwag examples per evaluation, the first N; 0 means all 10,042
+    hellaswag_data: str = ""  # a local HellaSwag jsonl; "" means the Hugging Face dataset Rowan/hellaswag
+    hellaswag_style: str = "completion"  # completion (build-nanogpt, llm.c) or harness (lm-evaluation-harness)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Config:
 CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "train.compile": ("auto", "true", "false"),
+    "train.hellaswag_style": ("completion", "harness"),
 }
 
 
@@ -170,6 +175,10 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    for key in ("train.hellaswag_interval", "train.hellaswag_limit"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key} must be at least 0")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

@@ -72,3 +72,21 @@ def master_decides(flag: bool) -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (counts that each rank made on its share)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True on every rank when every rank's flag is True: for an optional job that all ranks must run together."""
+    if dist.is_initialized():
+        tensor = torch.tensor([float(flag)])
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return bool(tensor.item())
+    return flag
