@@ -10,6 +10,8 @@
     shard_builder documents -> token shards in a process pool, resumable (fineweb.py's engine)
     checkpoint    what a checkpoint holds; atomic save, safe load, newest, load_model for every program
     sampling      prompts -> text through GPT.generate
+    hellaswag     HellaSwag rows (Hub or jsonl), checked and rendered in both published styles
+    hellaswag_scoring  the fast HellaSwag scorer (context once, head where scored), split over ranks
     metrics       FLOPs per token, MFU and the metrics log
     schedule      the learning-rate schedule
     fileio        atomic file writes
