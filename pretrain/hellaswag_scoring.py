@@ -109,9 +109,9 @@ def unwrap(model: torch.nn.Module) -> tuple[GPT, bool]:
     return (model._orig_mod if compiled else model), compiled
 
 
-def score_batch(body, head_weight: torch.Tensor, batch: list[PackedExample], device: torch.device,
-                rt: Runtime) -> torch.Tensor:
+def score_batch(body, head_weight: torch.Tensor, batch: list[PackedExample], rt: Runtime) -> torch.Tensor:
     """Summed loss of each ending, (len(batch), 4), from one forward over the packed rows."""
+    device = rt.device
     T = max(len(p.tokens) for p in batch)
     tokens = torch.zeros(len(batch), T, dtype=torch.long)
     positions = torch.zeros(len(batch), T, dtype=torch.long)
@@ -155,7 +155,7 @@ def ending_losses(model: torch.nn.Module, examples: list[Example], rt: Runtime, 
         with tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                losses[chunk] = score_batch(body, head_weight, [packed[i] for i in chunk], rt.device, rt)
+                losses[chunk] = score_batch(body, head_weight, [packed[i] for i in chunk], rt)
                 bar.update(len(chunk))
     finally:
         raw.train(was_training)

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import read_metrics, run_script
 from test_train import train_args
 
 from model import GPT, GPTConfig
-from pretrain import hellaswag, runtime, tokenizer
+from pretrain import distributed, hellaswag, runtime, tokenizer
 from pretrain.checkpoint import load_model, save_checkpoint
 from pretrain.hellaswag import HellaSwagError, check_row, harness_preprocess, load, load_rows, render
 from pretrain.hellaswag_scoring import HellaSwagResult, ending_losses, evaluate, pack, predictions
@@ -349,6 +351,23 @@ def test_limit_takes_the_first_rows(rows_file):
 
 
 # ---- In training ---------------------------------------------------------------------------------------------
+
+
+def _agreement_worker(rank: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # Only rank 0 could load the data: neither rank may evaluate, or rank 0 would wait for rank 1 forever.
+        results[rank] = (distributed.all_ranks_agree(rank == 0), distributed.all_ranks_agree(True),
+                         distributed.all_reduce_sum(torch.tensor([rank + 1, 10])).tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_evaluate_only_if_all_have_the_data_and_sum_their_counts(free_port):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_agreement_worker, args=(free_port, results), nprocs=2)
+        assert dict(results) == {0: (False, True, [3, 20]), 1: (False, True, [3, 20])}
 
 
 def test_training_evaluates_hellaswag_and_logs_it(tiny_shards, rows_file, tmp_path):
