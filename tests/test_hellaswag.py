@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from conftest import read_metrics, run_script
 from test_train import train_args
 
+from hellaswag import main as hellaswag_main
 from model import GPT, GPTConfig
 from pretrain import distributed, hellaswag, runtime, tokenizer
 from pretrain.checkpoint import load_model, save_checkpoint
@@ -276,29 +277,17 @@ def reference_result(checkpoint_dir: Path, rows_file: Path, style: str) -> dict:
     return {"acc": (by_sum == labels).float().mean().item(), "acc_norm": (by_norm == labels).float().mean().item()}
 
 
-def test_program_completion_style_writes_the_result(tiny_checkpoint, rows_file, tmp_path):
+def test_program_completion_style_writes_the_result(tiny_checkpoint, rows_file, tmp_path, capsys):
     out = tmp_path / "result.json"
-    result = run_script("hellaswag.py", "--checkpoint", tiny_checkpoint, "--data", rows_file, "--dtype", "float32",
-                        "--output", out, timeout=120)
+    hellaswag_main(["--checkpoint", str(tiny_checkpoint), "--data", str(rows_file), "--dtype", "float32",
+                    "--output", str(out)])
     written = json.loads(out.read_text())
     expected = reference_result(tiny_checkpoint, rows_file, "completion")
     assert written["acc"] == pytest.approx(expected["acc"], abs=1e-9)
     assert written["acc_norm"] == pytest.approx(expected["acc_norm"], abs=1e-9)
     assert written["count"] == len(ROWS)
     assert written["style"] == "completion" and written["step"] == 7 and written["world_size"] == 1
-    assert f"completion style, {len(ROWS)} examples): acc {expected['acc']:.4f}" in result.stdout
-
-
-def test_program_under_torchrun_splits_examples_and_equals_one_process(tiny_checkpoint, rows_file, tmp_path):
-    out = tmp_path / "result.json"
-    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "hellaswag.py", "--checkpoint",
-               tiny_checkpoint, "--data", rows_file, "--style", "harness", "--dtype", "float32", "--batch-size", "2",
-               "--output", out, timeout=180)
-    written = json.loads(out.read_text())
-    expected = reference_result(tiny_checkpoint, rows_file, "harness")
-    assert written["world_size"] == 2 and written["count"] == len(ROWS) and written["style"] == "harness"
-    assert written["acc"] == pytest.approx(expected["acc"], abs=1e-9)
-    assert written["acc_norm"] == pytest.approx(expected["acc_norm"], abs=1e-9)
+    assert f"completion style, {len(ROWS)} examples): acc {expected['acc']:.4f}" in capsys.readouterr().out
 
 
 def test_program_offline_without_data_says_how_to_pass_it(tiny_checkpoint, tmp_path):
@@ -353,21 +342,25 @@ def test_limit_takes_the_first_rows(rows_file):
 # ---- In training ---------------------------------------------------------------------------------------------
 
 
-def _agreement_worker(rank: int, port: int, results) -> None:
+def _rank_worker(rank: int, port: int, rows_file: Path, results) -> None:
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        result = evaluate(sharp_model(), load(rows_file, style="harness"), FLOAT32, batch_size=2)
         # Only rank 0 could load the data: neither rank may evaluate, or rank 0 would wait for rank 1 forever.
-        results[rank] = (distributed.all_ranks_agree(rank == 0), distributed.all_ranks_agree(True),
-                         distributed.all_reduce_sum(torch.tensor([rank + 1, 10])).tolist())
+        results[rank] = (dataclasses.astuple(result), distributed.all_ranks_agree(rank == 0),
+                         distributed.all_ranks_agree(True))
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_evaluate_only_if_all_have_the_data_and_sum_their_counts(free_port):
+def test_two_gloo_ranks_count_as_one_process_and_agree_before_evaluating(rows_file, free_port):
+    one_process = evaluate(sharp_model(), load(rows_file, style="harness"), FLOAT32)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_agreement_worker, args=(free_port, results), nprocs=2)
-        assert dict(results) == {0: (False, True, [3, 20]), 1: (False, True, [3, 20])}
+        mp.spawn(_rank_worker, args=(free_port, rows_file, results), nprocs=2)
+        expected = (dataclasses.astuple(one_process), False, True)
+        assert dict(results) == {0: expected, 1: expected}
 
 
 def test_training_evaluates_hellaswag_and_logs_it(tiny_shards, rows_file, tmp_path):
