@@ -114,8 +114,8 @@ class GPT(nn.Module):
                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final LayerNorm's output (B, T, n_embd), where the LM head would apply. By default one causal
         sequence per row at positions 0..T-1. pos (B, T) and attn_mask (B, 1, T, T; True where a query may see a
-        key) let one row hold several sequences that share a prefix: evaluation scores four endings of one context
-        so, computing the context once."""
+        key) let one row hold several sequences that share a prefix, computed once (HellaSwag scoring puts a context
+        and its four endings in one row)."""
         B, T = idx.size()
         if pos is None:
             if T > self.config.block_size:
