@@ -16,10 +16,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from pretrain import checkpoint, distributed, preemption, resume, runtime, shard_builder, summary, trackers
+from pretrain import (
+    checkpoint,
+    distributed,
+    hellaswag_scoring,
+    preemption,
+    resume,
+    runtime,
+    shard_builder,
+    summary,
+    trackers,
+)
 from pretrain.config import Config, ConfigError, HelpRequested, grad_accum_steps, load_config, to_dict
 from pretrain.fileio import atomic_write_text
 from pretrain.health import HealthMonitor, UpdateProbe
+from pretrain.hellaswag import HellaSwagError
 from pretrain.loader import ShardLoader
 from pretrain.metrics import MetricsLogger, flops_per_token, peak_tflops
 from pretrain.progress import Progress
@@ -35,7 +46,7 @@ class TrainingDiverged(RuntimeError):
 
 # Errors in what the user gave (config, data, device, checkpoint): one line on stderr and exit status 2, no traceback.
 USER_ERRORS = (ConfigError, ShardError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged,
-               runtime.RuntimeChoiceError, CorpusError)
+               runtime.RuntimeChoiceError, CorpusError, HellaSwagError)
 
 
 
@@ -157,6 +168,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
         val_loader = ShardLoader(cfg.data.dir, "val", shuffle=False, **loader_args) if cfg.train.eval_interval else None
     except ValueError as e:  # too few tokens for one batch: a problem with the data, not a bug
         raise ShardError(str(e)) from None
+    hellaswag_data = hellaswag_scoring.load_for_training(cfg.train, master)
 
     raw_model = GPT(cfg.model).to(device)
     runtime.seed_everything(cfg.train.seed + dist_info.rank)  # from here on each rank draws its own dropout masks
@@ -198,6 +210,9 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
         if val_loader is not None and due(step, cfg.train.eval_interval, cfg.train.max_steps):
             val_loss = evaluate(model, val_loader, cfg.train.val_steps, rt)
             logger.log({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
+        if hellaswag_data is not None and due(step, cfg.train.hellaswag_interval, cfg.train.max_steps):
+            hellaswag = hellaswag_scoring.evaluate(model, hellaswag_data, rt)
+            logger.log({"step": step, **hellaswag.metrics()}, f"step {step:6d} | {hellaswag}")
         if master and step > 0 and due(step, cfg.train.sample_interval, cfg.train.max_steps):
             texts = generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
                                   max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device)

@@ -13,6 +13,8 @@
     preemption    SIGTERM/SIGUSR1/SIGINT: every rank stops after the same step, rank 0 saves
     hf_export     a model as a Hugging Face GPT-2 folder (export_hf.py's engine)
     sampling      prompts -> text through GPT.generate, streamed if asked
+    hellaswag     HellaSwag rows (Hub or jsonl), checked and rendered in both published styles
+    hellaswag_scoring  the fast HellaSwag scorer (context once, head where scored), split over ranks
     metrics       FLOPs per token, MFU and the metrics log (fanned out to trackers and the summary)
     progress      the progress bar on a terminal, plain lines in a log
     summary       the end-of-run summary (printed, and summary.json)

@@ -63,6 +63,10 @@ class TrainConfig:
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm to skip (unapplied) before stopping
     wandb_project: str = ""  # log metrics to this Weights & Biases project from rank 0 (needs wandb); empty: off
     tensorboard: bool = False  # also write metrics as TensorBoard events to <out_dir>/tensorboard (needs tensorboard)
+    hellaswag_interval: int = 0  # HellaSwag accuracy every N steps and at the last step; 0 disables
+    hellaswag_limit: int = 0  # HellaSwag examples per evaluation, the first N; 0 means all 10,042
+    hellaswag_data: str = ""  # a local HellaSwag jsonl; "" means the Hugging Face dataset Rowan/hellaswag
+    hellaswag_style: str = "completion"  # completion (build-nanogpt, llm.c) or harness (lm-evaluation-harness)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Config:
 CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "train.compile": ("auto", "true", "false"),
+    "train.hellaswag_style": ("completion", "harness"),
 }
 
 
@@ -113,6 +118,8 @@ RANGES = {
     "train.peak_tflops": "[0, inf)",
     "train.health_interval": "[0, inf)",
     "train.skip_nonfinite": "[0, inf)",
+    "train.hellaswag_interval": "[0, inf)",
+    "train.hellaswag_limit": "[0, inf)",
 }
 
 

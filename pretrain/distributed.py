@@ -89,15 +89,31 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (counts that each rank made on its share)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _reduce_flag(flag: bool, op) -> bool:
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([float(flag)])
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=op)
+    return bool(tensor.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when the flag is set on at least one (one all-reduce of a single number)."""
-    if dist.is_initialized():
-        tensor = torch.tensor([float(flag)])
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return bool(tensor.item())
-    return flag
+    return _reduce_flag(flag, dist.ReduceOp.MAX)
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True on every rank when every rank's flag is True: for an optional job that all ranks must run together."""
+    return _reduce_flag(flag, dist.ReduceOp.MIN)
 
 
 def gather_to_master(obj) -> list | None:
