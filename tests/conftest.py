@@ -61,6 +61,23 @@ def started(*args, log: Path, env: dict | None = None):
         proc.wait()
 
 
+# A tiny GPT-2 on the tiny_shards fixture: seconds per training run, float32, no compile, no samples.
+TINY_MODEL = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32"]
+
+
+def train_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    """train_gpt2.py's arguments for a tiny run on data_dir into out_dir; `extra` overrides or adds keys."""
+    return ["train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}", "--data.demo=false",
+            f"--train.out_dir={out_dir}", *TINY_MODEL, "--data.seq_len=32", "--data.micro_batch_size=4",
+            "--data.total_batch_tokens=256", "--train.dtype=float32", "--train.compile=false",
+            "--train.sample_interval=0", "--optim.warmup_steps=2", "--optim.lr=1e-3", "--optim.min_lr=1e-4", *extra]
+
+
+def torchrun(*args: str) -> list[str]:
+    """run_script's arguments for torchrun (python -m torch.distributed.run) with these arguments."""
+    return ["-m", "torch.distributed.run", *args]
+
+
 def read_metrics(out_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl, in order."""
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]

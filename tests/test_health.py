@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_script
-from test_train import torchrun, train_args
+from conftest import run_script, torchrun, train_args
 
 import train_gpt2
 from model import GPT, GPTConfig

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import read_metrics, run_script
-from test_train import train_args
+from conftest import read_metrics, run_script, train_args
 
 from hellaswag import main as hellaswag_main
 from model import GPT, GPTConfig

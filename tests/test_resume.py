@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_script, started
-from test_train import torchrun, train_args
+from conftest import read_metrics, run_script, started, torchrun, train_args
 
 from pretrain.checkpoint import load_checkpoint, load_model
 from pretrain.loader import ShardLoader

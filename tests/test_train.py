@@ -10,24 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_script, started
+from conftest import read_metrics, run_script, started, torchrun, train_args
 
 from pretrain.checkpoint import load_checkpoint, load_model
 from pretrain.schedule import lr_at
-
-TINY_MODEL = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32"]
-
-
-def train_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
-    return ["train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}", "--data.demo=false",
-            f"--train.out_dir={out_dir}", *TINY_MODEL, "--data.seq_len=32", "--data.micro_batch_size=4",
-            "--data.total_batch_tokens=256", "--train.dtype=float32", "--train.compile=false",
-            "--train.sample_interval=0", "--optim.warmup_steps=2", "--optim.lr=1e-3", "--optim.min_lr=1e-4", *extra]
-
-
-def torchrun(*args: str) -> list[str]:
-    return ["-m", "torch.distributed.run", *args]
-
 
 metrics = read_metrics
 
