@@ -5,7 +5,6 @@
     python train_gpt2.py --help                                            # every key and its default
 """
 
-import contextlib
 import json
 import math
 import sys
@@ -13,10 +12,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from pretrain import checkpoint, distributed, runtime, shard_builder
+from pretrain import checkpoint, distributed, parallel, runtime, shard_builder
 from pretrain.config import Config, ConfigError, HelpRequested, grad_accum_steps, load_config, to_dict
 from pretrain.fileio import atomic_write_text
 from pretrain.loader import ShardLoader
@@ -53,9 +51,9 @@ def evaluate(model, loader: ShardLoader, steps: int, rt: runtime.Runtime) -> flo
     loader.reset()
     total = torch.zeros((), device=rt.device)
     for _ in range(steps):
-        x, y = loader.next_batch()
+        x, y = rt.to_device(*loader.next_batch())
         with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
+            _, loss = model(x, y)
         total += loss.detach()
     model.train()
     return distributed.all_reduce_mean(total / steps).item()
@@ -65,25 +63,24 @@ def train_step(model, optimizer: torch.optim.Optimizer, loader: ShardLoader, acc
                grad_clip: float, rt: runtime.Runtime) -> tuple[float, float]:
     """One optimizer step over accum_steps micro-batches. Returns the loss (mean over micro-steps and ranks) and
     the gradient norm before clipping."""
-    ddp = isinstance(model, DDP)
     loss_accum = torch.zeros((), device=rt.device)
     for micro_step in range(accum_steps):
-        x, y = loader.next_batch()
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate locally.
-        sync = micro_step == accum_steps - 1 or not ddp
-        with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
+        x, y = rt.to_device(*loader.next_batch())
+        # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) only on the last micro-step.
+        with parallel.gradient_sync(model, micro_step == accum_steps - 1), rt.autocast():
             _, loss = model(x, y)
         loss = loss / accum_steps  # the gradient of the mean over the whole step, not the sum
         loss_accum += loss.detach()
         loss.backward()
     distributed.all_reduce_mean(loss_accum)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    grad_norm = parallel.clip_grad_norm(model, grad_clip or float("inf"))
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_accum.item(), grad_norm.item()  # .item() waits for the device, so the caller's timing is real
+    # One host sync per step (it waits for the device, so the caller's timing is real)
+    loss_value, grad_norm_value = torch.stack([loss_accum, grad_norm.to(loss_accum.dtype)]).tolist()
+    return loss_value, grad_norm_value
 
 
 def main(argv: list[str]) -> None:
@@ -103,11 +100,10 @@ def main(argv: list[str]) -> None:
     val_loader = ShardLoader(cfg.data.dir, "val", shuffle=False, **loader_args) if cfg.train.eval_interval else None
 
     raw_model = GPT(cfg.model).to(device)
+    model = parallel.prepare(raw_model, rt, cfg.train.parallel, cfg.train.activation_checkpointing,
+                             dist_info.world_size)
     optimizer = raw_model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
                                                cfg.optim.eps, device.type)
-    model = rt.maybe_compile(raw_model)
-    if dist_info.enabled:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     out_dir = Path(cfg.train.out_dir)
     logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=master)
@@ -126,9 +122,12 @@ def main(argv: list[str]) -> None:
         if val_loader is not None and due(step, cfg.train.eval_interval, last_step):
             val_loss = evaluate(model, val_loader, cfg.train.val_steps, rt)
             logger.log({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
-        if master and step > 0 and due(step, cfg.train.sample_interval, last_step):
-            for text in generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
-                                      max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device):
+        # under FSDP every rank runs the forward passes (they gather the shards); only rank 0 prints
+        samples_here = master or parallel.is_sharded(model)
+        if samples_here and step > 0 and due(step, cfg.train.sample_interval, last_step):
+            texts = generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
+                                  max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device)
+            for text in texts if master else []:
                 print(f"sample: {text!r}")
 
         t0 = time.perf_counter()
@@ -150,9 +149,11 @@ def main(argv: list[str]) -> None:
 
         interval = cfg.train.checkpoint_interval
         is_checkpoint_step = last_step or (interval and (step + 1) % interval == 0)
+        if is_checkpoint_step:
+            model_state, optimizer_state = parallel.full_state_dicts(model, optimizer)  # all ranks: FSDP gathers
         if master and is_checkpoint_step:
-            path = checkpoint.save_training_state(out_dir, step + 1, raw_model, optimizer, train_loader, to_dict(cfg),
-                                                  dist_info.world_size)
+            path = checkpoint.save_training_state(out_dir, step + 1, model_state, optimizer_state, train_loader,
+                                                  to_dict(cfg), dist_info.world_size)
             checkpoint.prune_checkpoints(out_dir, cfg.train.keep_checkpoints)
             print(f"saved {path}")
 

@@ -33,11 +33,12 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return Path(path)
 
 
-def save_training_state(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_state(out_dir: str | Path, step: int, model_state: dict, optimizer_state: dict,
                         train_loader, config: dict, world_size: int) -> Path:
     """Save everything a run needs to continue after `step` completed steps, as ckpt_<step>.pt in out_dir.
-    model is the uncompiled, unwrapped module; train_loader anything with a state_dict (the ShardLoader)."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config,
+    model_state, optimizer_state: the whole model's (pretrain.parallel.full_state_dicts, also under FSDP);
+    train_loader anything with a state_dict (the ShardLoader)."""
+    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": config,
              "train_loader": train_loader.state_dict(), "world_size": world_size}
     return save_checkpoint(checkpoint_path(out_dir, step), state)
 

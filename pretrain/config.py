@@ -57,6 +57,8 @@ class TrainConfig:
     checkpoint_interval: int = 1000  # save every N steps (0: only the final step, which is always saved)
     keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
+    parallel: str = "ddp"  # over ranks: ddp (whole model per rank, fastest) or fsdp (sharded: for what ddp can't fit)
+    activation_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Config:
 CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "train.compile": ("auto", "true", "false"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 
 
@@ -165,6 +168,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must hold GPT-2's 50257 tokens")
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
         raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must be between 0 and optim.lr ({cfg.optim.lr})")
+    if cfg.model.loss_chunk < 0:
+        raise ConfigError(f"model.loss_chunk ({cfg.model.loss_chunk}) must be 0 (the plain head) or positive")
     for key in ("data.seq_len", "data.micro_batch_size", "data.total_batch_tokens", "train.max_steps",
                 "train.val_steps", "train.log_interval"):
         section, name = key.split(".")
