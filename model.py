@@ -22,7 +22,7 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches (0 for pretraining)
-    loss_chunk: int = 256  # training: head + cross-entropy this many tokens at a time, never all logits; 0: plain
+    loss_chunk: int = 2048  # training: head + cross-entropy this many tokens at a time, never all logits; 0: plain
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
