@@ -39,23 +39,24 @@ class ChunkedHeadLoss(torch.autograd.Function):
         # Under autocast the matmuls run in the autocast dtype and the softmax in float32, as in the plain path.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        softmax_dtype = torch.promote_types(dtype, torch.float32)
         with torch.autocast(device_type, enabled=False):
             w = weight.to(dtype)
             n_valid = (targets != -1).sum().clamp(min=1)
-            loss = torch.zeros((), device=x.device, dtype=torch.float32)
+            loss = torch.zeros((), device=x.device, dtype=softmax_dtype)
             grad_x = torch.empty_like(x)
-            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+            grad_w = torch.zeros_like(weight, dtype=softmax_dtype)
             for lo in range(0, x.size(0), chunk):
                 x_c, t_c = x[lo:lo + chunk].to(dtype), targets[lo:lo + chunk]
                 rows = torch.arange(len(t_c), device=x.device)
                 safe_t = t_c.clamp(min=0)
-                logits = (x_c @ w.t()).float()
+                logits = (x_c @ w.t()).to(softmax_dtype)
                 target_logits = logits[rows, safe_t]
                 # softmax with one exp pass, in place in the logits' memory: e = exp(logits - max), p = e / sum(e)
                 row_max = logits.amax(dim=1, keepdim=True)
                 e = logits.sub_(row_max).exp_()
                 e_sum = e.sum(dim=1, keepdim=True)
-                row_scale = (t_c != -1).unsqueeze(1) / n_valid  # 1/n_valid, or 0 for an ignored target
+                row_scale = (t_c != -1).to(softmax_dtype).unsqueeze(1) / n_valid  # 0 for an ignored target
                 loss += ((row_max + e_sum.log() - target_logits.unsqueeze(1)) * row_scale).sum()
                 # d(loss)/d(logits) = (e / e_sum - one_hot) * row_scale = (e - e_sum * one_hot) * (row_scale / e_sum):
                 # the row factor is applied to the narrow (chunk x n_embd) operands, not the wide one
@@ -66,7 +67,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 if grad_w.dtype == e.dtype:
                     grad_w.addmm_(e.t(), x_c * row_factor)
                 else:
-                    grad_w += (e.t() @ (x_c * row_factor).to(dtype)).float()
+                    grad_w += e.t() @ (x_c * row_factor).to(dtype)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         return loss
 

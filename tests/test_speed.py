@@ -1,0 +1,146 @@
+"""The speed and memory options give the same numbers as the plain way: the chunked head against the plain head +
+cross-entropy, activation checkpointing on against off, FSDP against DDP on 2 gloo ranks, and a compiled model
+that evaluates and samples without recompiling. (How fast they are is bench.py's job, not a test's.)"""
+
+import pytest
+import torch
+from conftest import read_metrics, run_script
+from torch.nn import functional as F
+
+from model import GPT, ChunkedHeadLoss, GPTConfig
+from pretrain import parallel, runtime
+from pretrain.checkpoint import load_checkpoint
+from pretrain.sampling import generate_text
+
+TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
+
+
+def head_inputs(n: int = 37, width: int = 16, vocab: int = 96):
+    torch.manual_seed(0)
+    x = torch.randn(n, width, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(vocab, width, dtype=torch.float64) * 0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+    targets[[3, 4, 30]] = -1  # ignored positions, as padding would be
+    return x, weight, targets
+
+
+def gradients(loss: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, tensors))
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 100])  # one row, a ragged last chunk, exactly all, more than all
+def test_chunked_head_loss_and_gradients_match_plain_cross_entropy(chunk):
+    x, weight, targets = head_inputs()
+    plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+    chunked = ChunkedHeadLoss.apply(x, weight, targets, chunk)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-12)
+    # a loss scaled downstream (as by gradient accumulation) scales the gradients too
+    for got, want in zip(gradients(chunked * 0.5, x, weight), gradients(plain * 0.5, x, weight)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_head_ignores_only_the_ignored_targets():
+    x, weight, targets = head_inputs()
+    keep = targets != -1
+    chunked = ChunkedHeadLoss.apply(x, weight, targets, 8)
+    plain_kept = F.cross_entropy(x[keep] @ weight.t(), targets[keep])
+    assert chunked.item() == pytest.approx(plain_kept.item(), rel=1e-12)
+    grad_x, = gradients(chunked, x)
+    assert grad_x[~keep].abs().max().item() == 0.0
+
+
+def test_model_with_chunked_head_trains_like_the_plain_head():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY.__dict__, "loss_chunk": 24}))
+    idx = torch.randint(0, TINY.vocab_size, (3, 20))
+    targets = torch.randint(0, TINY.vocab_size, (3, 20))
+    logits, chunked = model(idx, targets)
+    assert logits is None  # never materialised
+    chunked_grads = gradients(chunked, *model.parameters())
+    model.config.loss_chunk = 0
+    logits, plain = model(idx, targets)
+    assert logits.shape == (3, 20, TINY.vocab_size)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, want in zip(chunked_grads, gradients(plain, *model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_head_under_bfloat16_autocast_is_close_to_the_plain_head():
+    x, weight, targets = head_inputs()
+    x, weight = x.float().detach().requires_grad_(), weight.float().detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+        chunked = ChunkedHeadLoss.apply(x, weight, targets, 8)
+    assert chunked.dtype == torch.float32
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-3)  # bfloat16 logits: ~3 significant digits
+    for got, want in zip(gradients(chunked, x, weight), gradients(plain, x, weight)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=2e-3)
+
+
+def test_activation_checkpointing_gives_identical_losses_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    _, loss = model(idx, idx)
+    plain_grads = gradients(loss, *model.parameters())
+    parallel.set_activation_checkpointing(model, True)
+    _, recomputed = model(idx, idx)
+    assert recomputed.grad_fn is not None
+    assert recomputed.item() == loss.item()
+    for got, want in zip(gradients(recomputed, *model.parameters()), plain_grads):
+        assert torch.equal(got, want)
+    assert set(model.state_dict()) == set(GPT(TINY).state_dict())  # checkpoints keep their keys
+    parallel.set_activation_checkpointing(model, False)
+    assert all("forward" not in block.__dict__ for block in model.transformer.h)
+
+
+def test_compiled_model_evaluates_and_samples_without_recompiling():
+    import torch._dynamo.utils
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    compiled = runtime.Runtime(torch.device("cpu"), torch.float32, True).maybe_compile(model)
+    x = torch.randint(0, TINY.vocab_size, (2, 16))
+    counters = torch._dynamo.utils.counters["stats"]
+    with torch.no_grad():
+        for _ in range(3):  # evaluation: the same shape every call
+            compiled(x, x)
+    compiles_after_eval = counters["unique_graphs"]
+    for seed in range(3):  # sampling goes through forward with the prompt growing
+        generate_text(compiled, "def f(x):", num_samples=2, max_new_tokens=4, seed=seed)
+    compiles_after_sampling = counters["unique_graphs"]
+    for seed in range(3):
+        generate_text(compiled, "import os", num_samples=2, max_new_tokens=4, seed=seed)
+    assert compiles_after_eval == 1
+    # growing prompts get one dynamic-shape graph, not one per length; later calls reuse it
+    assert compiles_after_sampling <= 3
+    assert counters["unique_graphs"] == compiles_after_sampling
+
+
+def fsdp_args(data_dir, out_dir, mode: str) -> list:
+    return ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "train_gpt2.py",
+            "--config", "configs/demo.toml", f"--data.dir={data_dir}", "--data.demo=false",
+            f"--train.out_dir={out_dir}", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64",
+            "--model.block_size=32", "--model.loss_chunk=48", "--data.seq_len=32", "--data.micro_batch_size=4",
+            "--data.total_batch_tokens=512", "--train.dtype=float32", "--train.compile=false",
+            "--train.sample_interval=0", "--train.eval_interval=2", "--train.val_steps=2", "--optim.warmup_steps=2",
+            "--train.max_steps=3", f"--train.parallel={mode}"]
+
+
+def test_fsdp_matches_ddp_on_two_gloo_ranks(tiny_shards, tmp_path):
+    for mode in ("ddp", "fsdp"):
+        run_script(*fsdp_args(tiny_shards, tmp_path / mode, mode), timeout=240)
+    ddp, fsdp = (read_metrics(tmp_path / mode) for mode in ("ddp", "fsdp"))
+    assert [r.get("loss", r.get("val_loss")) for r in fsdp] == pytest.approx(
+        [r.get("loss", r.get("val_loss")) for r in ddp], rel=1e-5)
+    assert len([r for r in fsdp if "loss" in r]) == 3
+    # the FSDP checkpoint holds the whole model and optimizer, in the single-process layout
+    ddp_state, fsdp_state = (load_checkpoint(tmp_path / mode / "ckpt_000003.pt") for mode in ("ddp", "fsdp"))
+    assert fsdp_state["model"].keys() == ddp_state["model"].keys()
+    for key, value in ddp_state["model"].items():
+        torch.testing.assert_close(fsdp_state["model"][key], value, rtol=1e-4, atol=1e-6)
+    assert fsdp_state["optimizer"]["param_groups"] == ddp_state["optimizer"]["param_groups"]
+    for index, value in ddp_state["optimizer"]["state"].items():
+        torch.testing.assert_close(fsdp_state["optimizer"]["state"][index]["exp_avg"], value["exp_avg"],
+                                   rtol=1e-4, atol=1e-8)
