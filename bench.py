@@ -6,7 +6,8 @@
 
 A step is what train_gpt2.py does for one micro-batch: the batch onto the device, forward, backward, gradient
 clipping, AdamW. Variants (--bench.variants, default all that apply here):
-  anchor      the anchors' way (nanoGPT, build-nanogpt): plain head + cross-entropy, foreach AdamW, eager, float32
+  anchor      the anchors' way (nanoGPT, build-nanogpt): plain head + cross-entropy; fused AdamW and bfloat16
+              autocast only on CUDA (float32 and foreach AdamW on CPU); compiled as the config says
   default     the config as given, as train_gpt2.py would run it
   plain_head  default with the plain head + cross-entropy (model.loss_chunk=0)
   foreach_adamw  default with the unfused AdamW
@@ -18,7 +19,8 @@ figure). Peak memory comes from a fresh process per variant (CPU: peak resident 
 before the model; CUDA: peak allocated), so variants cannot inflate each other's.
 
 bench.py's own options: --bench.steps (timed steps per variant per round), --bench.rounds, --bench.warmup,
---bench.variants (comma-separated), --bench.memory (true/false), --bench.json (write the results there).
+--bench.variants (comma-separated), --bench.memory (true/false), --bench.json (write the results there),
+--bench.profile=N (instead of timing: where one step's time goes, torch.profiler's N costliest ops per variant).
 """
 
 import ctypes
@@ -43,7 +45,7 @@ from pretrain.loader import ShardLoader
 from pretrain.metrics import GPU_PEAK_TFLOPS, flops_per_token
 from pretrain.shards import ShardError, list_shards
 
-BENCH_DEFAULTS = {"steps": 3, "rounds": 3, "warmup": 2, "variants": "", "memory": "true", "json": ""}
+BENCH_DEFAULTS = {"steps": 3, "rounds": 3, "warmup": 2, "variants": "", "memory": "true", "json": "", "profile": "0"}
 ALL_VARIANTS = ("anchor", "default", "plain_head", "foreach_adamw", "other_compile", "other_dtype", "act_ckpt")
 
 
@@ -80,7 +82,7 @@ def split_bench_args(argv: list[str]) -> tuple[dict, list[str]]:
         if name not in BENCH_DEFAULTS or not eq:
             raise ConfigError(f"{arg}: bench options are --bench.KEY=value with KEY one of {', '.join(BENCH_DEFAULTS)}")
         options[name] = value
-    for name in ("steps", "rounds", "warmup"):
+    for name in ("steps", "rounds", "warmup", "profile"):
         text = str(options[name])
         if not text.isdigit() or (name != "warmup" and int(text) == 0):
             raise ConfigError(f"--bench.{name}: expected a whole number (at least 1 but for warmup), got {text!r}")
@@ -97,7 +99,10 @@ def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Vari
     made, notes = [], []
     for name in names:
         if name == "anchor":
-            made.append(Variant("anchor", "anchor", 0, False, False, torch.float32, False))
+            # nanoGPT's choices: fused AdamW on CUDA only, autocast on CUDA only (float32 on CPU)
+            on_cuda = rt.device.type == "cuda"
+            anchor_dtype = rt.dtype if on_cuda else torch.float32
+            made.append(Variant("anchor", "anchor", 0, on_cuda, rt.compile, anchor_dtype, False))
         elif name == "default":
             made.append(default)
         elif name == "plain_head":
@@ -233,6 +238,20 @@ def run_timing(bench: Bench, variants: list[Variant], options: dict) -> dict[str
     return peaks
 
 
+def profile(bench: Bench, variants: list[Variant], top: int) -> None:
+    """Where one training step's time goes, per variant (after a warm-up step)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if bench.rt.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort_key = "self_cuda_time_total" if bench.rt.device.type == "cuda" else "self_cpu_time_total"
+    for v in variants:
+        bench.step(v)
+        with torch.profiler.profile(activities=activities) as prof:
+            bench.step(v)
+        print(f"\n{v.name}: {v.settings()}")
+        print(prof.key_averages().table(sort_by=sort_key, row_limit=top, max_name_column_width=40))
+
+
 def measure_memory(v: Variant, cfg, rt: runtime.Runtime) -> float:
     """Peak memory (bytes) of variant v's training step, in this process, which holds nothing else: one warm-up
     step (the optimizer state appears), then the measured one."""
@@ -331,6 +350,9 @@ def main(argv: list[str]) -> None:
           f"torch {torch.__version__} | data: {bench.batches.source}")
     for note in notes:
         print(note)
+    if options["profile"]:
+        profile(bench, variants, options["profile"])
+        return
     peaks = run_timing(bench, variants, options)
     real_loader = bench.batches.loader is not None
     del bench  # its memory back before the memory runs

@@ -10,11 +10,9 @@ the full state dicts a checkpoint holds under either.
 
 import contextlib
 import functools
+import sys
 
 import torch
-from torch.distributed.checkpoint import state_dict as dcp_state
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -37,6 +35,7 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype) -> None:
     """FSDP2 in place: each block is one unit (gathered for its own forward/backward), the rest (embeddings, final
     LayerNorm, the tied head) the root unit. On GPU in bfloat16 the gathered parameters are bfloat16 and gradients
     are reduced in float32; the sharded master weights stay float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if device.type == "cuda" and dtype != torch.float32:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     else:
@@ -65,7 +64,9 @@ def prepare(model: GPT, rt: Runtime, mode: str, activation_checkpointing: bool, 
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(unwrap(model), FSDPModule)
+    # FSDP's modules take seconds to import, so only runs that shard import them; until then nothing is sharded.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(unwrap(model), fsdp.FSDPModule)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -87,7 +88,7 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractC
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm before clipping (a plain tensor, also under FSDP, whose gradients are sharded)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if is_sharded(model) else norm
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -97,6 +98,7 @@ def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     module = unwrap(model)
     if not is_sharded(module):
         return module.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint import state_dict as dcp_state
     options = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = dcp_state.get_model_state_dict(module, options=options)
     optimizer_state = dcp_state.get_optimizer_state_dict(module, optimizer, options=options)
@@ -114,6 +116,7 @@ def load_full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimiz
         module.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
+    from torch.distributed.checkpoint import state_dict as dcp_state
     options = dcp_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     dcp_state.set_model_state_dict(module, model_state, options=options)
     name_of = {id(p): name for name, p in module.named_parameters()}

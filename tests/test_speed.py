@@ -135,6 +135,8 @@ def test_fsdp_matches_ddp_on_two_gloo_ranks(tiny_shards, tmp_path):
     assert [r.get("loss", r.get("val_loss")) for r in fsdp] == pytest.approx(
         [r.get("loss", r.get("val_loss")) for r in ddp], rel=1e-5)
     assert len([r for r in fsdp if "loss" in r]) == 3
+    assert [r["grad_norm"] for r in fsdp if "loss" in r] == pytest.approx(
+        [r["grad_norm"] for r in ddp if "loss" in r], rel=1e-5)
     # the FSDP checkpoint holds the whole model and optimizer, in the single-process layout
     ddp_state, fsdp_state = (load_checkpoint(tmp_path / mode / "ckpt_000003.pt") for mode in ("ddp", "fsdp"))
     assert fsdp_state["model"].keys() == ddp_state["model"].keys()
