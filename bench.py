@@ -84,8 +84,8 @@ def split_bench_args(argv: list[str]) -> tuple[dict, list[str]]:
         options[name] = value
     for name in ("steps", "rounds", "warmup", "profile"):
         text = str(options[name])
-        if not text.isdigit() or (name != "warmup" and int(text) == 0):
-            raise ConfigError(f"--bench.{name}: expected a whole number (at least 1 but for warmup), got {text!r}")
+        if not text.isdigit() or (name in ("steps", "rounds") and int(text) == 0):
+            raise ConfigError(f"--bench.{name}: expected a whole number (steps and rounds at least 1), got {text!r}")
         options[name] = int(text)
     if options["memory"] not in ("true", "false", "only"):
         raise ConfigError(f"--bench.memory: expected true or false, got {options['memory']!r}")

@@ -10,7 +10,6 @@ from torch.nn import functional as F
 from model import GPT, ChunkedHeadLoss, GPTConfig
 from pretrain import parallel, runtime
 from pretrain.checkpoint import load_checkpoint
-from pretrain.sampling import generate_text
 
 TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
 
@@ -95,27 +94,38 @@ def test_activation_checkpointing_gives_identical_losses_and_gradients():
     assert all("forward" not in block.__dict__ for block in model.transformer.h)
 
 
-def test_compiled_model_evaluates_and_samples_without_recompiling():
+def test_compiled_model_trains_evaluates_and_samples_without_recompiling_at_every_call():
     import torch._dynamo.utils
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(TINY).eval()
+    model = GPT(TINY)
     compiled = runtime.Runtime(torch.device("cpu"), torch.float32, True).maybe_compile(model)
     x = torch.randint(0, TINY.vocab_size, (2, 16))
-    counters = torch._dynamo.utils.counters["stats"]
-    with torch.no_grad():
-        for _ in range(3):  # evaluation: the same shape every call
+    graphs = torch._dynamo.utils.counters["stats"]
+
+    def train_then_evaluate():
+        model.train()
+        compiled(x, x)[1].backward()
+        model.eval()
+        with torch.no_grad():
             compiled(x, x)
-    compiles_after_eval = counters["unique_graphs"]
-    for seed in range(3):  # sampling goes through forward with the prompt growing
-        generate_text(compiled, "def f(x):", num_samples=2, max_new_tokens=4, seed=seed)
-    compiles_after_sampling = counters["unique_graphs"]
-    for seed in range(3):
-        generate_text(compiled, "import os", num_samples=2, max_new_tokens=4, seed=seed)
-    assert compiles_after_eval == 1
-    # growing prompts get one dynamic-shape graph, not one per length; later calls reuse it
-    assert compiles_after_sampling <= 3
-    assert counters["unique_graphs"] == compiles_after_sampling
+
+    train_then_evaluate()
+    after_first_round = graphs["unique_graphs"]
+    for _ in range(2):
+        train_then_evaluate()
+    assert after_first_round == 2  # one graph for training, one for evaluation (no grad, full logits)
+    assert graphs["unique_graphs"] == after_first_round
+    # sampling calls forward with the sequence one token longer each time: one dynamic-length graph serves them all
+    with torch.no_grad():
+        for length in range(3, 12):
+            compiled(torch.randint(0, TINY.vocab_size, (2, length)))
+    after_sampling = graphs["unique_graphs"]
+    with torch.no_grad():
+        for length in range(3, 12):
+            compiled(torch.randint(0, TINY.vocab_size, (2, length)))
+    assert after_sampling - after_first_round <= 2
+    assert graphs["unique_graphs"] == after_sampling
 
 
 def fsdp_args(data_dir, out_dir, mode: str) -> list:
