@@ -127,8 +127,8 @@ def main(argv: list[str]) -> None:
         if samples_here and step > 0 and due(step, cfg.train.sample_interval, last_step):
             texts = generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
                                   max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device)
-            for text in texts if master else []:
-                print(f"sample: {text!r}")
+            if master:
+                print("\n".join(f"sample: {text!r}" for text in texts))
 
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps)
