@@ -186,14 +186,15 @@ class Bench:
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(self, v: Variant) -> tuple[float, float]:
-        """One training step as variant v; returns (step seconds, seconds of it spent getting the batch)."""
+    def step(self, v: Variant, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
+        """One training step as variant v (on `batch`, else the next one); returns (step seconds, seconds of it
+        spent getting the batch)."""
         self.model.config.loss_chunk = v.loss_chunk
         parallel.set_activation_checkpointing(self.model, v.activation_checkpointing)
         rt = runtime.Runtime(self.rt.device, v.dtype, v.compile)
         optimizer = self.optimizers[v.name]
         start = time.perf_counter()
-        x, y = rt.to_device(*self.batches.next())
+        x, y = rt.to_device(*(batch or self.batches.next()))
         loaded = time.perf_counter()
         with rt.autocast():
             _, loss = self.modules[v.name](x, y)
@@ -253,14 +254,15 @@ def profile(bench: Bench, variants: list[Variant], top: int) -> None:
 
 
 def measure_memory(v: Variant, cfg, rt: runtime.Runtime) -> float:
-    """Peak memory (bytes) of variant v's training step, in this process, which holds nothing else: one warm-up
-    step (the optimizer state appears), then the measured one."""
+    """Peak memory (bytes) of variant v's training step, in this process, which holds nothing else: a warm-up step
+    on a one-token batch (cheap; the gradients and optimizer state appear), then the measured one."""
     if rt.device.type == "cpu":
         # Big blocks straight from mmap, so freed memory leaves the resident set and the peak is the live peak.
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
         before = _resident_bytes("VmRSS")
     bench = Bench(cfg, rt, [v])
-    bench.step(v)
+    one_token = torch.zeros((1, 1), dtype=torch.long)
+    bench.step(v, (one_token, one_token))
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
         bench.step(v)
