@@ -28,10 +28,10 @@ class GPTConfig:
 class ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of logits = x @ weight.T against targets (-1 ignored), `chunk` rows at a time.
 
-    The plain head materialises (tokens x vocab) float32 logits, then cross-entropy and its backward read and write
-    that array several times: at small widths this dominates the step, and at 124M x 64 x 1024 it is 13 GB. Here
-    each chunk's logits are turned into the loss AND its gradient (softmax - one-hot) while they are still in cache,
-    so forward saves only grad_x and grad_weight, and backward just scales them.
+    The plain head materialises (tokens x vocab) float32 logits, and cross-entropy, its backward and the head's
+    backward read and write arrays of that size some eight times: at small widths this dominates the step, and at
+    124M x 64 x 1024 one such array is 13 GB. Here each chunk's logits become the loss AND its gradient
+    (softmax - one-hot) in place, in one buffer; forward saves only grad_x and grad_weight, backward scales them.
     """
 
     @staticmethod
