@@ -137,8 +137,12 @@ def test_fsdp_on_two_gloo_ranks_matches_one_process(tiny_shards, tmp_path):
     assert fsdp_run.stdout.count("sample: ") == 2  # sampling under FSDP: every rank runs it, rank 0 prints
     single, fsdp = (read_metrics(tmp_path / name) for name in ("single", "fsdp"))
     assert [r.keys() for r in fsdp] == [r.keys() for r in single]
-    for key in ("loss", "val_loss", "grad_norm"):
-        assert [r[key] for r in fsdp if key in r] == pytest.approx([r[key] for r in single if key in r], rel=1e-5)
+    # (validation differs by design: each rank evaluates its own val_steps batches)
+    assert [r["loss"] for r in fsdp if "loss" in r] == pytest.approx([r["loss"] for r in single if "loss" in r],
+                                                                     rel=1e-5)
+    # the norm sums squares in another order (per shard, then across ranks): float32 rounding, ~1e-5 relative
+    assert [r["grad_norm"] for r in fsdp if "loss" in r] == pytest.approx(
+        [r["grad_norm"] for r in single if "loss" in r], rel=1e-4)
     # the FSDP checkpoint holds the whole model and optimizer, in the single-process layout
     single_state, fsdp_state = (load_checkpoint(tmp_path / name / "ckpt_000003.pt") for name in ("single", "fsdp"))
     assert fsdp_state["model"].keys() == single_state["model"].keys()
