@@ -25,6 +25,59 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches (0 for pretraining)
+    loss_chunk: int = 2048  # training: head + cross-entropy this many tokens at a time, never all logits; 0: plain
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of logits = x @ weight.T against targets (-1 ignored), `chunk` rows at a time.
+
+    The plain head materialises (tokens x vocab) float32 logits, and cross-entropy, its backward and the head's
+    backward read and write arrays of that size some eight times: at small widths this dominates the step, and at
+    124M x 64 x 1024 one such array is 13 GB. Here each chunk's logits become the loss AND its gradient
+    (softmax - one-hot) in place, in one buffer; forward saves only grad_x and grad_weight, backward scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk):
+        # Under autocast the matmuls run in the autocast dtype and the softmax in float32, as in the plain path.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        softmax_dtype = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            n_valid = (targets != -1).sum().clamp(min=1)
+            loss = torch.zeros((), device=x.device, dtype=softmax_dtype)
+            grad_x = torch.empty_like(x)
+            grad_w = torch.zeros_like(weight, dtype=softmax_dtype)
+            for lo in range(0, x.size(0), chunk):
+                x_c, t_c = x[lo:lo + chunk].to(dtype), targets[lo:lo + chunk]
+                rows = torch.arange(len(t_c), device=x.device)
+                safe_t = t_c.clamp(min=0)
+                logits = (x_c @ w.t()).to(softmax_dtype)
+                target_logits = logits[rows, safe_t]
+                # softmax with one exp pass, in place in the logits' memory: e = exp(logits - max), p = e / sum(e)
+                row_max = logits.amax(dim=1, keepdim=True)
+                e = logits.sub_(row_max).exp_()
+                e_sum = e.sum(dim=1, keepdim=True)
+                row_scale = (t_c != -1).to(softmax_dtype).unsqueeze(1) / n_valid  # 0 for an ignored target
+                loss += ((row_max + e_sum.log() - target_logits.unsqueeze(1)) * row_scale).sum()
+                # d(loss)/d(logits) = (e / e_sum - one_hot) * row_scale = (e - e_sum * one_hot) * (row_scale / e_sum):
+                # the row factor is applied to the narrow (chunk x n_embd) operands, not the wide one
+                e[rows, safe_t] -= e_sum.squeeze(1)
+                e = e.to(dtype)
+                row_factor = row_scale / e_sum
+                grad_x[lo:lo + chunk] = (e @ w) * row_factor
+                if grad_w.dtype == e.dtype:
+                    grad_w.addmm_(e.t(), x_c * row_factor)
+                else:
+                    grad_w += e.t() @ (x_c * row_factor).to(dtype)
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -131,24 +184,33 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx, targets: (B, T) token ids. Returns (logits, loss): with targets, logits for every position
-        and the mean cross-entropy (targets of -1 are ignored); without, logits for the last position only."""
+        and the mean cross-entropy (targets of -1 are ignored); without, logits for the last position only.
+        When gradients are on and config.loss_chunk is set, the loss comes from ChunkedHeadLoss and logits is None."""
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs only the next token's logits
+        if self.config.loss_chunk and torch.is_grad_enabled():
+            loss = ChunkedHeadLoss.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                         self.config.loss_chunk)
+            return None, loss  # the logits never existed all at once
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
-                             eps: float = 1e-8, device_type: str = "cpu") -> torch.optim.AdamW:
+                             eps: float = 1e-8, device_type: str = "cpu",
+                             fused: bool | None = None) -> torch.optim.AdamW:
         """AdamW with weight decay on matrices and embeddings (params of 2+ dims) only, never on biases or
-        LayerNorm gains; the fused kernel on CUDA."""
+        LayerNorm gains. fused (default on CUDA and CPU): one kernel pass over each tensor instead of a dozen
+        elementwise ones; on CPU it measured ~4x faster than the foreach path."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+        if fused is None:
+            fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -5,7 +5,6 @@
     python train_gpt2.py --help                                            # every key and its default
 """
 
-import contextlib
 import json
 import math
 import sys
@@ -13,13 +12,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
 from pretrain import (
     checkpoint,
     distributed,
     hellaswag_scoring,
+    parallel,
     preemption,
     resume,
     runtime,
@@ -101,9 +100,9 @@ def evaluate(model, loader: ShardLoader, steps: int, rt: runtime.Runtime) -> flo
     loader.reset()
     total = torch.zeros((), device=rt.device)
     for _ in range(steps):
-        x, y = loader.next_batch()
+        x, y = rt.to_device(*loader.next_batch())
         with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
+            _, loss = model(x, y)
         total += loss.detach()
     model.train()
     return distributed.all_reduce_mean(total / steps).item()
@@ -114,14 +113,11 @@ def train_step(model, optimizer: torch.optim.Optimizer, loader: ShardLoader, acc
     """One optimizer step over accum_steps micro-batches. Returns the loss (mean over micro-steps and ranks) and
     the gradient norm before clipping; when either is not finite the optimizer step is not taken. On health steps
     `health` sees the gradients before clipping and the parameters before the update."""
-    ddp = isinstance(model, DDP)
     loss_accum = torch.zeros((), device=rt.device)
     for micro_step in range(accum_steps):
-        x, y = loader.next_batch()
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate locally.
-        sync = micro_step == accum_steps - 1 or not ddp
-        with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
+        x, y = rt.to_device(*loader.next_batch())
+        # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) only on the last micro-step.
+        with parallel.gradient_sync(model, micro_step == accum_steps - 1), rt.autocast():
             _, loss = model(x, y)
         loss = loss / accum_steps  # the gradient of the mean over the whole step, not the sum
         loss_accum += loss.detach()
@@ -129,9 +125,10 @@ def train_step(model, optimizer: torch.optim.Optimizer, loader: ShardLoader, acc
     distributed.all_reduce_mean(loss_accum)
     if health is not None:
         health.before_update()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    loss_value, norm_value = loss_accum.item(), grad_norm.item()  # waits for the device: the caller's timing is real
-    # A non-finite step is never applied, so the weights (and the next checkpoint) stay those of the last good step.
+    grad_norm = parallel.clip_grad_norm(model, grad_clip or float("inf"))
+    # One host sync per step (it waits for the device, so the caller's timing is real), before the update: a
+    # non-finite step is never applied, so the weights (and the next checkpoint) stay those of the last good step.
+    loss_value, norm_value = torch.stack([loss_accum, grad_norm.to(loss_accum.dtype)]).tolist()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -172,11 +169,10 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
 
     raw_model = GPT(cfg.model).to(device)
     runtime.seed_everything(cfg.train.seed + dist_info.rank)  # from here on each rank draws its own dropout masks
+    model = parallel.prepare(raw_model, rt, cfg.train.parallel, cfg.train.activation_checkpointing,
+                             dist_info.world_size)
     optimizer = raw_model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
                                                cfg.optim.eps, device.type)
-    model = rt.maybe_compile(raw_model)
-    if dist_info.enabled:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     flops = flops_per_token(raw_model, T)
     peak = peak_tflops(device, rt.dtype, cfg.train.peak_tflops)  # on CPU a matmul of random numbers
 
@@ -213,7 +209,9 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
         if hellaswag_data is not None and due(step, cfg.train.hellaswag_interval, cfg.train.max_steps):
             hellaswag = hellaswag_scoring.evaluate(model, hellaswag_data, rt)
             logger.log({"step": step, **hellaswag.metrics()}, f"step {step:6d} | {hellaswag}")
-        if master and step > 0 and due(step, cfg.train.sample_interval, cfg.train.max_steps):
+        # under FSDP every rank runs the forward passes (they gather the shards); only rank 0 prints
+        samples_here = master or parallel.is_sharded(model)
+        if samples_here and step > 0 and due(step, cfg.train.sample_interval, cfg.train.max_steps):
             texts = generate_text(raw_model, cfg.train.sample_prompt, num_samples=2,
                                   max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, device=device)
             for i, text in enumerate(texts):
@@ -236,8 +234,9 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
         is_checkpoint_step = steps_done == cfg.train.max_steps or (interval and steps_done % interval == 0)
         if not (is_checkpoint_step or stopping):
             return False
-        path = checkpoint.save_training_state(out_dir, steps_done, tokens_seen, raw_model, optimizer, train_loader,
-                                              config_dict, device)
+        model_state, optimizer_state = parallel.full_state_dicts(model, optimizer)  # all ranks: FSDP gathers
+        path = checkpoint.save_training_state(out_dir, steps_done, tokens_seen, model_state, optimizer_state,
+                                              train_loader, config_dict, device)
         if master:
             checkpoint.prune_checkpoints(out_dir, cfg.train.keep_checkpoints, newest_step=steps_done)
             logger.write(f"saved {path}")

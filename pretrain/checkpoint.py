@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from pretrain import distributed
+from pretrain import distributed, parallel
 from pretrain.fileio import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -81,15 +81,16 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 # -- training state --------------------------------------------------------------------------------------------
 
-def save_training_state(out_dir: str | Path, step: int, tokens_seen: int, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer, train_loader, config: dict, device: torch.device) -> Path:
+def save_training_state(out_dir: str | Path, step: int, tokens_seen: int, model_state: dict, optimizer_state: dict,
+                        train_loader, config: dict, device: torch.device) -> Path:
     """Save everything a run needs to continue after `step` completed steps, as ckpt_<step>.pt in out_dir.
-    Every rank calls this (their RNG states are gathered); rank 0 writes. model is the uncompiled, unwrapped
-    module; train_loader anything with a state_dict (the ShardLoader). Returns the path on every rank."""
+    Every rank calls this (their RNG states are gathered); rank 0 writes. model_state, optimizer_state: the whole
+    model's, in one process's layout (pretrain.parallel.full_state_dicts, also under FSDP); train_loader anything
+    with a state_dict (the ShardLoader). Returns the path on every rank."""
     rng = distributed.gather_to_master(rng_state(device))
     path = checkpoint_path(out_dir, step)
     if rng is not None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        state = {"model": model_state, "optimizer": optimizer_state, "step": step,
                  "tokens_seen": tokens_seen, "train_loader": train_loader.state_dict(), "rng": rng,
                  "config": config, "world_size": len(rng)}
         save_checkpoint(path, state)
@@ -118,12 +119,11 @@ def restore_training_state(state: dict, path: Path, model: torch.nn.Module, opti
                            train_loader, rank: int, device: torch.device) -> None:
     """Put a loaded checkpoint's model, optimizer, loader position and this rank's RNG state back in place.
     The optimizer keeps this run's hyperparameters (weight decay, betas, eps) where the config changed them."""
+    fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
-        model.load_state_dict(state["model"])
+        parallel.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
-    fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
     for group, fresh in zip(optimizer.param_groups, fresh_groups):
         group.update(fresh)
     try:

@@ -67,6 +67,8 @@ class TrainConfig:
     hellaswag_limit: int = 0  # HellaSwag examples per evaluation, the first N; 0 means all 10,042
     hellaswag_data: str = ""  # a local HellaSwag jsonl; "" means the Hugging Face dataset Rowan/hellaswag
     hellaswag_style: str = "completion"  # completion (build-nanogpt, llm.c) or harness (lm-evaluation-harness)
+    parallel: str = "ddp"  # over ranks: ddp (whole model per rank, fastest) or fsdp (sharded: for what ddp can't fit)
+    activation_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
 
 
 @dataclass
@@ -82,6 +84,7 @@ CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "train.compile": ("auto", "true", "false"),
     "train.hellaswag_style": ("completion", "harness"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 
 
@@ -120,6 +123,7 @@ RANGES = {
     "train.skip_nonfinite": "[0, inf)",
     "train.hellaswag_interval": "[0, inf)",
     "train.hellaswag_limit": "[0, inf)",
+    "model.loss_chunk": "[0, inf)",
 }
 
 

@@ -108,6 +108,13 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Host batches onto the device. On CUDA through pinned memory without waiting, so the copy overlaps the
+        GPU's work and the host goes on to read the next batch (an unpinned copy would block)."""
+        if self.device.type != "cuda":
+            return [t.to(self.device) for t in tensors]
+        return [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+
     def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model) if self.compile else model
 

@@ -1,0 +1,155 @@
+"""The speed and memory options give the same numbers as the plain way: the chunked head against the plain head +
+cross-entropy, activation checkpointing on against off, FSDP on 2 gloo ranks against one process, and a compiled model
+that evaluates and samples without recompiling. (How fast they are is bench.py's job, not a test's.)"""
+
+import pytest
+import torch
+from conftest import read_metrics, run_script
+from torch.nn import functional as F
+
+from model import GPT, ChunkedHeadLoss, GPTConfig
+from pretrain import parallel, runtime
+from pretrain.checkpoint import load_checkpoint
+
+TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
+
+
+def head_inputs(n: int = 37, width: int = 16, vocab: int = 96):
+    torch.manual_seed(0)
+    x = torch.randn(n, width, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(vocab, width, dtype=torch.float64) * 0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+    targets[[3, 4, 30]] = -1  # ignored positions, as padding would be
+    return x, weight, targets
+
+
+def gradients(loss: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, tensors))
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 100])  # one row, a ragged last chunk, exactly all, more than all
+def test_chunked_head_loss_and_gradients_match_plain_cross_entropy(chunk):
+    x, weight, targets = head_inputs()
+    plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+    chunked = ChunkedHeadLoss.apply(x, weight, targets, chunk)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-12)
+    # a loss scaled downstream (as by gradient accumulation) scales the gradients too
+    for got, want in zip(gradients(chunked * 0.5, x, weight), gradients(plain * 0.5, x, weight)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_head_ignores_only_the_ignored_targets():
+    x, weight, targets = head_inputs()
+    keep = targets != -1
+    chunked = ChunkedHeadLoss.apply(x, weight, targets, 8)
+    plain_kept = F.cross_entropy(x[keep] @ weight.t(), targets[keep])
+    assert chunked.item() == pytest.approx(plain_kept.item(), rel=1e-12)
+    grad_x, = gradients(chunked, x)
+    assert grad_x[~keep].abs().max().item() == 0.0
+
+
+def test_model_with_chunked_head_trains_like_the_plain_head():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY.__dict__, "loss_chunk": 24}))
+    idx = torch.randint(0, TINY.vocab_size, (3, 20))
+    targets = torch.randint(0, TINY.vocab_size, (3, 20))
+    logits, chunked = model(idx, targets)
+    assert logits is None  # never materialised
+    chunked_grads = gradients(chunked, *model.parameters())
+    model.config.loss_chunk = 0
+    logits, plain = model(idx, targets)
+    assert logits.shape == (3, 20, TINY.vocab_size)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, want in zip(chunked_grads, gradients(plain, *model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_head_under_bfloat16_autocast_is_close_to_the_plain_head():
+    x, weight, targets = head_inputs()
+    x, weight = x.float().detach().requires_grad_(), weight.float().detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+        chunked = ChunkedHeadLoss.apply(x, weight, targets, 8)
+    assert chunked.dtype == torch.float32
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-3)  # bfloat16 logits: ~3 significant digits
+    for got, want in zip(gradients(chunked, x, weight), gradients(plain, x, weight)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=2e-3)
+
+
+def test_activation_checkpointing_gives_identical_losses_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    _, loss = model(idx, idx)
+    plain_grads = gradients(loss, *model.parameters())
+    parallel.set_activation_checkpointing(model, True)
+    _, recomputed = model(idx, idx)
+    assert recomputed.grad_fn is not None
+    assert recomputed.item() == loss.item()
+    for got, want in zip(gradients(recomputed, *model.parameters()), plain_grads):
+        assert torch.equal(got, want)
+    assert set(model.state_dict()) == set(GPT(TINY).state_dict())  # checkpoints keep their keys
+    parallel.set_activation_checkpointing(model, False)
+    assert all("forward" not in block.__dict__ for block in model.transformer.h)
+
+
+def test_compiled_model_evaluates_and_samples_without_recompiling_at_every_call():
+    import torch._dynamo.utils
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY.__dict__, "n_layer": 1})).eval()
+    compiled = runtime.Runtime(torch.device("cpu"), torch.float32, True).maybe_compile(model)
+    x = torch.randint(0, TINY.vocab_size, (2, 16))
+    graphs = torch._dynamo.utils.counters["stats"]
+    with torch.no_grad():
+        for _ in range(3):  # evaluation: the same batch shape at every call
+            compiled(x, x)
+        after_evaluation = graphs["unique_graphs"]
+        # sampling calls forward with the sequence one token longer each time
+        for length in range(3, 12):
+            compiled(torch.randint(0, TINY.vocab_size, (2, length)))
+        after_sampling = graphs["unique_graphs"]
+        for length in range(3, 12):
+            compiled(torch.randint(0, TINY.vocab_size, (2, length)))
+        compiled(x, x)
+    assert after_evaluation == 1
+    assert after_sampling - after_evaluation <= 2  # the first length, then one graph for any length
+    assert graphs["unique_graphs"] == after_sampling  # later calls reuse them all
+
+
+def tiny_run_args(data_dir, out_dir, *extra: str) -> list:
+    return ["train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}", "--data.demo=false",
+            f"--train.out_dir={out_dir}", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64",
+            "--model.block_size=32", "--model.loss_chunk=48", "--data.seq_len=32", "--data.micro_batch_size=4",
+            "--data.total_batch_tokens=512", "--train.dtype=float32", "--train.compile=false",
+            "--train.eval_interval=2", "--train.val_steps=2", "--optim.warmup_steps=2", "--train.max_steps=3",
+            "--train.sample_interval=2", "--train.sample_tokens=2", *extra]
+
+
+def test_fsdp_on_two_gloo_ranks_matches_one_process(tiny_shards, tmp_path):
+    """2 FSDP ranks x 2 micro-steps see the same tokens per step as 1 process x 4 (test_train checks DDP the same
+    way), so losses, gradient norms, final weights and AdamW state must agree."""
+    fsdp_run = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *tiny_run_args(tiny_shards, tmp_path / "fsdp", "--train.parallel=fsdp"), timeout=280)
+    run_script(*tiny_run_args(tiny_shards, tmp_path / "single"), timeout=120)
+    assert "2 ranks x 2 accumulation steps" in fsdp_run.stdout
+    # sampling under FSDP: every rank runs it, rank 0 prints; after step 2 and after the last (3), 2 samples each
+    assert fsdp_run.stdout.count("--- sample ") == 4
+    single, fsdp = (read_metrics(tmp_path / name) for name in ("single", "fsdp"))
+    assert [r.keys() for r in fsdp] == [r.keys() for r in single]
+    # (validation differs by design: each rank evaluates its own val_steps batches)
+    assert [r["loss"] for r in fsdp if "loss" in r] == pytest.approx([r["loss"] for r in single if "loss" in r],
+                                                                     rel=1e-5)
+    # the norm sums squares in another order (per shard, then across ranks): float32 rounding, ~1e-5 relative
+    assert [r["grad_norm"] for r in fsdp if "loss" in r] == pytest.approx(
+        [r["grad_norm"] for r in single if "loss" in r], rel=1e-4)
+    # the FSDP checkpoint holds the whole model and optimizer, in the single-process layout
+    single_state, fsdp_state = (load_checkpoint(tmp_path / name / "ckpt_000003.pt") for name in ("single", "fsdp"))
+    assert fsdp_state["model"].keys() == single_state["model"].keys()
+    for key, value in single_state["model"].items():
+        torch.testing.assert_close(fsdp_state["model"][key], value, rtol=1e-4, atol=1e-5)
+    assert fsdp_state["optimizer"]["param_groups"] == single_state["optimizer"]["param_groups"]
+    for index, value in single_state["optimizer"]["state"].items():
+        torch.testing.assert_close(fsdp_state["optimizer"]["state"][index]["exp_avg"], value["exp_avg"],
+                                   rtol=1e-4, atol=1e-7)
