@@ -80,6 +80,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
         return grad_x * grad_loss, grad_w * grad_loss, None, None
 
 
+# Run eagerly even inside a compiled model: on CUDA, inductor (torch 2.11) compiled this function's gradients,
+# computed in its forward, to zeros (seen on an H200; CPU was right). Eager, it is exact, and the body stays compiled.
+@torch.compiler.disable
+def chunked_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    return ChunkedHeadLoss.apply(x, weight, targets, chunk)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -190,8 +197,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs only the next token's logits
         if self.config.loss_chunk and torch.is_grad_enabled():
-            loss = ChunkedHeadLoss.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                         self.config.loss_chunk)
+            loss = chunked_head_loss(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                     self.config.loss_chunk)
             return None, loss  # the logits never existed all at once
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
