@@ -21,10 +21,7 @@ from pretrain.hellaswag_scoring import evaluate
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hellaswag.py", description=__doc__.split("\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint of this codebase: a .pt file, or a run folder (its newest)")
-    source.add_argument("--model", help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder "
-                                        "written by save_pretrained")
+    checkpoint.add_model_arguments(parser)
     parser.add_argument("--style", choices=STYLES, default="completion",
                         help="completion: build-nanogpt/llm.c; harness: lm-evaluation-harness (default: completion)")
     parser.add_argument("--data", default="", help=f"a local jsonl of HellaSwag rows (default: the Hugging Face "

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pretrain import runtime
-from pretrain.checkpoint import CheckpointError, find_latest, load_model
+from pretrain.checkpoint import CheckpointError, add_model_arguments, find_latest, load_model
 from pretrain.sampling import generate_text
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
@@ -21,10 +21,7 @@ DEFAULT_PROMPT = "Hello, I'm a language model,"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
-    source.add_argument("--model", help="OpenAI GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a folder "
-                                        "written by save_pretrained; needs transformers")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", help="the text to continue (default: the checkpoint's train.sample_prompt, "
                                          f"else {DEFAULT_PROMPT!r})")
     parser.add_argument("--num-samples", type=int, default=1, help="how many continuations (default 1)")

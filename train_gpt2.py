@@ -48,7 +48,6 @@ USER_ERRORS = (ConfigError, ShardError, FileNotFoundError, checkpoint.Checkpoint
                runtime.RuntimeChoiceError, CorpusError, HellaSwagError)
 
 
-
 class NonFiniteGuard:
     """Stops training at a step whose loss or gradient norm is not finite (train_step has not applied it), after
     letting `allowed` such steps be skipped."""
@@ -160,11 +159,8 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
     prepare_data(cfg, dist_info)
     B, T = cfg.data.micro_batch_size, cfg.data.seq_len
     loader_args = dict(batch_size=B, seq_len=T, rank=dist_info.rank, world_size=dist_info.world_size)
-    try:
-        train_loader = ShardLoader(cfg.data.dir, "train", shuffle=cfg.data.shuffle, seed=cfg.data.seed, **loader_args)
-        val_loader = ShardLoader(cfg.data.dir, "val", shuffle=False, **loader_args) if cfg.train.eval_interval else None
-    except ValueError as e:  # too few tokens for one batch: a problem with the data, not a bug
-        raise ShardError(str(e)) from None
+    train_loader = ShardLoader(cfg.data.dir, "train", shuffle=cfg.data.shuffle, seed=cfg.data.seed, **loader_args)
+    val_loader = ShardLoader(cfg.data.dir, "val", shuffle=False, **loader_args) if cfg.train.eval_interval else None
     hellaswag_data = hellaswag_scoring.load_for_training(cfg.train, master)
 
     raw_model = GPT(cfg.model).to(device)

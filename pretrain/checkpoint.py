@@ -14,6 +14,7 @@ Every rank's RNG state is gathered to rank 0, which writes the one file; on resu
 Training, evaluation and sampling all load models through load_model.
 """
 
+import argparse
 import dataclasses
 import pickle
 import random
@@ -208,6 +209,14 @@ def _looks_local(source: str) -> bool:
     if path.is_absolute() or source.startswith((".", "~")) or path.suffix == ".pt":
         return True
     return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint PATH | --model NAME, one of them required: how every program names the model load_model loads."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint of this codebase: a .pt file, or a run folder (its newest)")
+    source.add_argument("--model", help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder "
+                                        "written by save_pretrained (needs transformers)")
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:

@@ -57,21 +57,25 @@ def teardown() -> None:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks in place (SUM then divide: gloo has no AVG)."""
+    all_reduce_sum(tensor)
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= dist.get_world_size()
     return tensor
 
 
+def _flag_tensor(flag: bool) -> torch.Tensor:
+    """A one-element tensor for a collective over a flag, on the device the backend needs."""
+    tensor = torch.tensor([float(flag)])
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+
 def master_decides(flag: bool) -> bool:
     """Rank 0's flag on every rank: for choices made from local measurements, which may differ between ranks."""
-    if dist.is_initialized():
-        tensor = torch.tensor([float(flag)])
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        dist.broadcast(tensor, src=0)
-        return bool(tensor.item())
-    return flag
+    if not dist.is_initialized():
+        return flag
+    tensor = _flag_tensor(flag)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
 
 
 def first_error(message: str | None) -> str | None:
@@ -99,9 +103,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def _reduce_flag(flag: bool, op) -> bool:
     if not dist.is_initialized():
         return flag
-    tensor = torch.tensor([float(flag)])
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = _flag_tensor(flag)
     dist.all_reduce(tensor, op=op)
     return bool(tensor.item())
 

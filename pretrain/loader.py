@@ -74,7 +74,7 @@ class ShardLoader:
         self.epoch_tokens = int(self.bases[-1])
         need = batch_size * seq_len + 1
         if self.epoch_tokens < need:
-            raise ValueError(f"{split} data in {data_dir} has {self.epoch_tokens} tokens, fewer than one batch needs "
+            raise ShardError(f"{split} data in {data_dir} has {self.epoch_tokens} tokens, fewer than one batch needs "
                              f"(batch_size*seq_len+1 = {need})")
         if self.shuffle and self.lengths.max() >= 2**32:
             raise ShardError(f"shard {self.paths[int(self.lengths.argmax())]} holds 2**32 tokens or more; the "
