@@ -7,7 +7,9 @@
     shards        the token shard format: write, read (memory-mapped), list
     loader        ShardLoader: shuffled, rank-disjoint, exactly resumable training batches
     sources       where documents come from: local files, a Hugging Face dataset, the offline demo corpus
-    shard_builder documents -> token shards in a process pool, resumable (fineweb.py's engine)
+    shard_builder documents -> token shards, resumable (fineweb.py's engine)
+    tokenize_pool the shard builder's tokenizer processes, whose shutdown cannot deadlock
+    parallel      DDP or FSDP2, activation checkpointing, whole-model state dicts under either
     checkpoint    what a checkpoint holds; atomic save, safe load, newest, load_model for every program
     resume        which checkpoint a run continues from (train.resume), one run per out_dir
     preemption    SIGTERM/SIGUSR1/SIGINT: every rank stops after the same step, rank 0 saves
@@ -20,6 +22,8 @@
     summary       the end-of-run summary (printed, and summary.json)
     trackers      Weights & Biases and TensorBoard logging, optional
     plots         plot.py's figure of training curves (matplotlib, optional)
+    health        update-to-data ratios, gradients, activations, attention entropy -> health.jsonl
+    health_plots  plot.py --health's figure
     schedule      the learning-rate schedule
     fileio        atomic file writes
 
