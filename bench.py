@@ -6,13 +6,16 @@
 
 A step is what train_gpt2.py does for one micro-batch: the batch onto the device, forward, backward, gradient
 clipping, AdamW. Variants (--bench.variants, default all that apply here):
-  anchor      the anchors' way (nanoGPT, build-nanogpt): plain head + cross-entropy; fused AdamW and bfloat16
+  anchor      the anchors' way (nanoGPT, build-nanogpt): plain head + cross-entropy, every GELU output kept for
+              backward; fused AdamW and bfloat16
               autocast only on CUDA (float32 and foreach AdamW on CPU); compiled as the config says
   default     the config as given, as train_gpt2.py would run it
-  plain_head  default with the plain head + cross-entropy (model.loss_chunk=0)
+  other_head  default with the other head: the plain head + cross-entropy (model.loss_chunk=0) if the config
+              chunks it, else the chunked head (model.py's default chunk)
   foreach_adamw  default with the unfused AdamW
   eager / compiled, float32 / bfloat16   default with the other compile setting / autocast dtype
   act_ckpt    default with activation checkpointing
+  kept_gelu   default keeping each GELU's output for backward (model.recompute_gelu=false), as the anchors do
 Rounds visit every variant in turn, so the machine's noise hits all alike; times are medians over all rounds.
 MFU uses train_gpt2.py's FLOP count against a matmul peak measured in the same run (and a known GPU's datasheet
 figure). Peak memory comes from a fresh process per variant (CPU: peak resident memory above the process's
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from model import GPT
+from model import GPT, GPTConfig
 from pretrain import parallel, runtime, shard_builder
 from pretrain.config import ConfigError, HelpRequested, load_config
 from pretrain.fileio import atomic_write_text
@@ -46,7 +49,8 @@ from pretrain.metrics import GPU_PEAK_TFLOPS, flops_per_token
 from pretrain.shards import ShardError, list_shards
 
 BENCH_DEFAULTS = {"steps": 3, "rounds": 3, "warmup": 2, "variants": "", "memory": "true", "json": "", "profile": "0"}
-ALL_VARIANTS = ("anchor", "default", "plain_head", "foreach_adamw", "other_compile", "other_dtype", "act_ckpt")
+ALL_VARIANTS = ("anchor", "default", "other_head", "foreach_adamw", "other_compile", "other_dtype", "act_ckpt",
+                "kept_gelu")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Variant:
     compile: bool
     dtype: torch.dtype
     activation_checkpointing: bool
+    recompute_gelu: bool
     step_ms: list[float] = field(default_factory=list)
     load_ms: list[float] = field(default_factory=list)
 
@@ -67,7 +72,8 @@ class Variant:
         adamw = "fused AdamW" if self.fused_adamw else "foreach AdamW"
         compiled = "compiled" if self.compile else "eager"
         checkpointing = ", act. ckpt" if self.activation_checkpointing else ""
-        return f"{head}, {adamw}, {compiled}, {dtype}{checkpointing}"
+        gelu = ", GELU recomputed" if self.recompute_gelu and not self.compile else ""
+        return f"{head}, {adamw}, {compiled}, {dtype}{gelu}{checkpointing}"
 
 
 def split_bench_args(argv: list[str]) -> tuple[dict, list[str]]:
@@ -95,18 +101,19 @@ def split_bench_args(argv: list[str]) -> tuple[dict, list[str]]:
 def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Variant], list[str]]:
     """The variants asked for, and a note for each one that does not apply on this machine."""
     default = Variant("default", "default", cfg.model.loss_chunk, True, rt.compile, rt.dtype,
-                      cfg.train.activation_checkpointing)
+                      cfg.train.activation_checkpointing, cfg.model.recompute_gelu)
     made, notes = [], []
     for name in names:
         if name == "anchor":
             # nanoGPT's choices: fused AdamW on CUDA only, autocast on CUDA only (float32 on CPU)
             on_cuda = rt.device.type == "cuda"
             anchor_dtype = rt.dtype if on_cuda else torch.float32
-            made.append(Variant("anchor", "anchor", 0, on_cuda, rt.compile, anchor_dtype, False))
+            made.append(Variant("anchor", "anchor", 0, on_cuda, rt.compile, anchor_dtype, False, False))
         elif name == "default":
             made.append(default)
-        elif name == "plain_head":
-            made.append(_like(default, name, "plain_head", loss_chunk=0))
+        elif name == "other_head":
+            other_chunk = 0 if cfg.model.loss_chunk else GPTConfig.loss_chunk
+            made.append(_like(default, name, "chunked_head" if other_chunk else "plain_head", loss_chunk=other_chunk))
         elif name == "foreach_adamw":
             made.append(_like(default, name, "foreach_adamw", fused_adamw=False))
         elif name == "other_compile":
@@ -120,6 +127,8 @@ def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Vari
                 made.append(_like(default, name, str(other).removeprefix("torch."), dtype=other))
         elif name == "act_ckpt":
             made.append(_like(default, name, "act_ckpt", activation_checkpointing=True))
+        elif name == "kept_gelu":
+            made.append(_like(default, name, "kept_gelu", recompute_gelu=False))
         else:
             raise ConfigError(f"--bench.variants: unknown variant {name!r}; variants are {', '.join(ALL_VARIANTS)}")
     return made, notes
@@ -127,7 +136,7 @@ def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Vari
 
 def _like(base: Variant, key: str, name: str, **changes) -> Variant:
     settings = {k: getattr(base, k) for k in ("loss_chunk", "fused_adamw", "compile", "dtype",
-                                              "activation_checkpointing")}
+                                              "activation_checkpointing", "recompute_gelu")}
     return Variant(key, name, **{**settings, **changes})
 
 
@@ -190,6 +199,7 @@ class Bench:
         """One training step as variant v (on `batch`, else the next one); returns (step seconds, seconds of it
         spent getting the batch)."""
         self.model.config.loss_chunk = v.loss_chunk
+        self.model.config.recompute_gelu = v.recompute_gelu
         parallel.set_activation_checkpointing(self.model, v.activation_checkpointing)
         rt = runtime.Runtime(self.rt.device, v.dtype, v.compile)
         optimizer = self.optimizers[v.name]

@@ -25,7 +25,8 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches (0 for pretraining)
-    loss_chunk: int = 2048  # training: head + cross-entropy this many tokens at a time, never all logits; 0: plain
+    loss_chunk: int = 1024  # training: head + cross-entropy this many tokens at a time, never all logits; 0: plain
+    recompute_gelu: bool = True  # eager training: recompute each MLP's GELU in backward instead of keeping its output
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -87,6 +88,30 @@ def chunked_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return ChunkedHeadLoss.apply(x, weight, targets, chunk)
 
 
+class GeluProjection(torch.autograd.Function):
+    """c_proj(gelu(h)) that keeps h but not gelu(h) for backward, where gelu(h) is recomputed: one elementwise pass
+    instead of holding 4 x n_embd more values per token in every block, a quarter of an eager block's activations.
+    Gradients are the plain path's, bit for bit in float32 (the same matmuls in the same layouts)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(F.gelu(h, approximate="tanh"), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        # Under autocast the forward's matmul ran in grad_out's dtype; parameter gradients go back in their own.
+        g = F.gelu(h, approximate="tanh").flatten(0, -2).to(grad_out.dtype)
+        grad_out_2d = grad_out.flatten(0, -2)
+        grad_g = (grad_out @ weight.to(grad_out.dtype)).to(h.dtype)
+        grad_h = torch.ops.aten.gelu_backward(grad_g, h, approximate="tanh")
+        grad_weight = (grad_out_2d.t() @ g).to(weight.dtype)
+        grad_bias = None if ctx.bias_dtype is None else grad_out_2d.sum(0).to(ctx.bias_dtype)
+        return grad_h, grad_weight, grad_bias
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -118,9 +143,15 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled_init = True
         self.dropout = nn.Dropout(config.dropout)
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        # Eager training recomputes the GELU in backward to save memory; a compiled graph decides what to keep on its
+        # own (inductor's partitioner recomputes cheap elementwise ops), and without gradients nothing is kept.
+        if self.config.recompute_gelu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.dropout(GeluProjection.apply(h, self.c_proj.weight, self.c_proj.bias))
+        return self.dropout(self.c_proj(self.gelu(h)))
 
 
 class Block(nn.Module):

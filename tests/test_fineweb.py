@@ -388,12 +388,17 @@ def test_interrupting_a_multi_worker_build_always_finishes(inputs, tmp_path, mon
 
 
 def test_ctrl_c_during_a_cli_build_exits_promptly(tmp_path):
-    """SIGINT to a running 2-worker `fineweb.py --demo`, several times: each exits 130 with one line, no traceback."""
+    """SIGINT to a running 2-worker build, several times: each exits 130 with one line, no traceback."""
+    # ~70M tokens of random letters: ~9 s of tokenizing on a quiet machine, so every signal lands mid-build (the
+    # demo corpus took 1.5 s there, and a signal after it had finished found nothing to interrupt)
+    rng = np.random.default_rng(0)
+    docs = [json.dumps({"text": "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz    "), 12000))}) for _ in range(20)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(docs * 500) + "\n")
     for attempt in range(4):
         log = tmp_path / f"out{attempt}.txt"
-        # small shards: each is written and fsynced, so the build lasts a few seconds
-        with started("fineweb.py", "--demo", "--output", tmp_path / str(attempt), "--workers", "2", "--shard-size",
-                     "20000", log=log) as proc:
+        with started("fineweb.py", "--input", corpus, "--output", tmp_path / str(attempt), "--workers", "2",
+                     "--shard-size", "200000", log=log) as proc:
             deadline = time.monotonic() + 60
             while "docs=" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)

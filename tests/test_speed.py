@@ -2,12 +2,14 @@
 cross-entropy, activation checkpointing on against off, FSDP on 2 gloo ranks against one process, and a compiled model
 that evaluates and samples without recompiling. (How fast they are is bench.py's job, not a test's.)"""
 
+import json
+
 import pytest
 import torch
 from conftest import read_metrics, run_script
 from torch.nn import functional as F
 
-from model import GPT, ChunkedHeadLoss, GPTConfig
+from model import GPT, MLP, ChunkedHeadLoss, GPTConfig
 from pretrain import parallel, runtime
 from pretrain.checkpoint import load_checkpoint
 
@@ -75,6 +77,46 @@ def test_chunked_head_under_bfloat16_autocast_is_close_to_the_plain_head():
     for got, want in zip(gradients(chunked, x, weight), gradients(plain, x, weight)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=0.05, atol=2e-3)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_recomputing_its_gelu_gives_the_plain_paths_output_and_gradients(bias, autocast):
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(**{**TINY.__dict__, "bias": bias}))
+    x = torch.randn(3, 17, TINY.n_embd, requires_grad=True)
+    results = []
+    for forward in (mlp, lambda x: mlp.c_proj(mlp.gelu(mlp.c_fc(x)))):  # the model's way, the plain way
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward(x)
+        results.append((out, gradients(out.float().square().sum(), x, *mlp.parameters())))
+    (out, grads), (plain_out, plain_grads) = results
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(out, plain_out)
+    for got, want in zip(grads, plain_grads):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("recompute_gelu", [True, False])
+def test_mlp_keeps_its_input_and_the_gelus_input_but_not_the_gelus_output(recompute_gelu):
+    """What a training step holds from forward to backward: the MLP's input (n_embd per token) and c_fc's output
+    (4 n_embd per token), and GELU's output (another 4 n_embd) only when told to keep it."""
+    mlp = MLP(GPTConfig(**{**TINY.__dict__, "recompute_gelu": recompute_gelu}))
+    x = torch.randn(2, 16, TINY.n_embd, requires_grad=True)
+    parameters = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    saved = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        mlp(x)
+    widths = 1 + 4 if recompute_gelu else 1 + 4 + 4
+    assert sum(saved.values()) == widths * 2 * 16 * TINY.n_embd * 4  # float32 bytes
 
 
 def test_activation_checkpointing_gives_identical_losses_and_gradients():
@@ -154,3 +196,49 @@ def test_fsdp_on_two_gloo_ranks_matches_one_process(tiny_shards, tmp_path):
     for index, value in single_state["optimizer"]["state"].items():
         torch.testing.assert_close(fsdp_state["optimizer"]["state"][index]["exp_avg"], value["exp_avg"],
                                    rtol=1e-4, atol=1e-7)
+
+
+def test_fsdp_run_resumes_from_its_checkpoint_like_one_process(tiny_shards, tmp_path):
+    """Each run stops at step 3 and is resumed to step 5: the FSDP ranks load the whole-model checkpoint back into
+    their shards (model and AdamW state), so the resumed steps match the single process's resumed steps."""
+    for name, launcher in (("fsdp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+                           ("single", [])):
+        extra = ["--train.parallel=fsdp"] if launcher else []
+        run_script(*launcher, *tiny_run_args(tiny_shards, tmp_path / name, *extra), timeout=280)
+        resumed = run_script(*launcher, *tiny_run_args(tiny_shards, tmp_path / name, *extra, "--train.max_steps=5"),
+                             timeout=280)
+        assert f"resuming from {tmp_path / name / 'ckpt_000003.pt'}: step 3" in resumed.stdout
+    single, fsdp = (read_metrics(tmp_path / name) for name in ("single", "fsdp"))
+    assert [r["step"] for r in fsdp if "loss" in r] == [0, 1, 2, 3, 4]
+    assert [r["loss"] for r in fsdp if "loss" in r] == pytest.approx([r["loss"] for r in single if "loss" in r],
+                                                                     rel=1e-5)
+    single_state, fsdp_state = (load_checkpoint(tmp_path / name / "ckpt_000005.pt") for name in ("single", "fsdp"))
+    for key, value in single_state["model"].items():
+        torch.testing.assert_close(fsdp_state["model"][key], value, rtol=1e-4, atol=1e-5)
+    for index, value in single_state["optimizer"]["state"].items():
+        assert fsdp_state["optimizer"]["state"][index]["step"] == value["step"] == 5
+        torch.testing.assert_close(fsdp_state["optimizer"]["state"][index]["exp_avg_sq"], value["exp_avg_sq"],
+                                   rtol=1e-3, atol=1e-12)
+
+
+def test_bench_reports_each_variant_against_the_anchor(tiny_shards, tmp_path):
+    """bench.py's report (not its speed): one row per variant with the settings it ran, ratios to the anchor, and
+    peak memory measured per variant. At a shape where the 50k-wide logits dominate, the chunked head's step holds
+    far less than the anchor's plain head and cross-entropy."""
+    report = tmp_path / "bench.json"
+    run_script("bench.py", "--config", "configs/demo.toml", f"--data.dir={tiny_shards}", "--data.demo=false",
+               "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+               "--model.loss_chunk=32", "--data.seq_len=32", "--data.micro_batch_size=4", "--train.dtype=float32",
+               "--train.compile=false", "--bench.variants=anchor,default,other_head", "--bench.rounds=2",
+               "--bench.steps=1", "--bench.warmup=0", f"--bench.json={report}", timeout=120)
+    rows = {row["variant"]: row for row in json.loads(report.read_text())["rows"]}
+    assert list(rows) == ["anchor", "default", "plain_head"]
+    assert rows["anchor"]["settings"] == "plain head, foreach AdamW, eager, float32"
+    assert rows["default"]["settings"] == "chunked head (32), fused AdamW, eager, float32, GELU recomputed"
+    assert rows["plain_head"]["settings"] == "plain head, fused AdamW, eager, float32, GELU recomputed"
+    assert rows["anchor"]["speedup_vs_anchor"] == 1.0
+    assert rows["anchor"]["memory_vs_anchor"] == 1.0
+    assert rows["default"]["tokens_per_s"] == pytest.approx(4 * 32 / (rows["default"]["ms_per_step"] / 1000))
+    assert 0 < rows["default"]["loader_share"] < 1  # the real loader read the shards
+    # the plain head holds ~4 arrays of 128 x 50304 float32 (26 MB each) at once; the chunked head one of 32 rows
+    assert rows["default"]["peak_memory_bytes"] < 0.5 * rows["plain_head"]["peak_memory_bytes"]
