@@ -10,10 +10,9 @@ text. Messages about the model go to stderr, so stdout holds only the samples.
 
 import argparse
 import sys
-from pathlib import Path
 
 from pretrain import runtime
-from pretrain.checkpoint import CheckpointError, add_model_arguments, find_latest, load_model
+from pretrain.checkpoint import CheckpointError, add_model_arguments, load_model
 from pretrain.sampling import generate_text
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
@@ -44,28 +43,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def checkpoint_source(path: str) -> Path:
-    """The checkpoint file that --checkpoint names (a run folder means its newest)."""
-    source = Path(path)
-    if not source.exists():
-        raise CheckpointError(f"checkpoint {source} does not exist")
-    if source.is_dir():
-        latest = find_latest(source)
-        if latest is None:
-            raise CheckpointError(f"{source} holds no checkpoint (ckpt_<step>.pt)")
-        return latest
-    return source
-
-
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     device = runtime.pick_device(args.device)
-    source = checkpoint_source(args.checkpoint) if args.checkpoint else args.model
-    model, meta = load_model(source, device)
+    model, meta = load_model(args.checkpoint or args.model, device)
     prompt = args.prompt
     if prompt is None:
         prompt = meta.get("config", {}).get("train", {}).get("sample_prompt", DEFAULT_PROMPT)
     step_text = f"step {meta['step']}, " if "step" in meta else ""
+    source = meta.get("path", args.model)  # for a run folder, the checkpoint file read
     print(f"{source}: {step_text}{model.num_params() / 1e6:.1f}M parameters, on {device}", file=sys.stderr)
 
     sample_args = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,

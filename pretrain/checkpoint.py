@@ -222,7 +222,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """A GPT from a training checkpoint (.pt file, or a run directory: its newest checkpoint), or OpenAI GPT-2
     weights (a hub name such as gpt2-xl, or a directory written by save_pretrained or export_hf.py).
-    Returns (model in eval mode on device, the checkpoint's metadata: step, config; empty for HF weights)."""
+    Returns (model in eval mode on device, the checkpoint's metadata: step, config and the file read as path;
+    empty for HF weights)."""
     source_path = Path(source)
     if source_path.is_dir() and (latest := find_latest(source_path)) is not None:
         source_path = latest
@@ -233,7 +234,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
             model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise CheckpointError(f"checkpoint {source_path} does not match its own model config: {e}") from None
-        meta = {k: v for k, v in state.items() if k in ("step", "config")}
+        meta = {k: v for k, v in state.items() if k in ("step", "config")} | {"path": source_path}
     elif source_path.is_dir() and not (source_path / "config.json").is_file():
         raise CheckpointError(f"{source_path} holds no checkpoint (ckpt_*.pt) and no save_pretrained model "
                               "(config.json)")
