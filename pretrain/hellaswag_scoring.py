@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import GPT
-from pretrain import distributed, tokenizer
+from pretrain import distributed, parallel, tokenizer
 from pretrain.config import TrainConfig
 from pretrain.hellaswag import Example, HellaSwagData, HellaSwagError, HellaSwagUnavailable, load
 from pretrain.runtime import Runtime
@@ -101,14 +99,6 @@ def attention_mask(segments: torch.Tensor) -> torch.Tensor:
     return (causal & same_or_context).unsqueeze(1)
 
 
-def unwrap(model: torch.nn.Module) -> tuple[GPT, bool]:
-    """The GPT inside DDP and torch.compile wrappers, and whether it was compiled."""
-    if isinstance(model, DDP):
-        model = model.module
-    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
-    return (model._orig_mod if compiled else model), compiled
-
-
 def score_batch(body, head_weight: torch.Tensor, batch: list[PackedExample], rt: Runtime) -> torch.Tensor:
     """Summed loss of each ending, (len(batch), 4), from one forward over the packed rows."""
     device = rt.device
@@ -140,7 +130,7 @@ def ending_losses(model: torch.nn.Module, examples: list[Example], rt: Runtime, 
                   progress: bool = False) -> torch.Tensor:
     """Summed loss over each ending's tokens, (len(examples), 4), on this process. model may be wrapped in DDP or
     torch.compile (the body then runs compiled too); its train/eval mode is restored afterwards."""
-    raw, compiled = unwrap(model)
+    raw, compiled = parallel.unwrap(model), parallel.is_compiled(model)
     # dynamic: every batch has its own length; one graph serves them all instead of one compile per shape
     body = torch.compile(raw.hidden_states, dynamic=True) if compiled else raw.hidden_states
     # Only the tokenizer's ids: the padded vocabulary rows (50257 -> 50304) are never real tokens.

@@ -69,10 +69,17 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return fsdp is not None and isinstance(unwrap(model), fsdp.FSDPModule)
 
 
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether the whole model runs torch.compile'd (one process or DDP; FSDP compiles block by block)."""
+    return hasattr(model.module if isinstance(model, DDP) else model, "_orig_mod")
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under torch.compile's and DDP's wrappers (FSDP2 wraps nothing: it changes the module in place)."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, DDP) else model
+    """The module under DDP's and torch.compile's wrappers, peeled in the order prepare() wraps them: DDP outside
+    the compiled module (FSDP2 wraps nothing: it changes the module in place)."""
+    if isinstance(model, DDP):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:

@@ -162,6 +162,25 @@ def test_compiled_model_evaluates_and_samples_without_recompiling_at_every_call(
     assert graphs["unique_graphs"] == after_sampling  # later calls reuse them all
 
 
+def test_checkpoint_of_a_compiled_ddp_model_has_the_plain_models_keys(free_port):
+    """prepare() wraps the compiled model in DDP (the multi-GPU default): unwrap peels both, so checkpoints hold the
+    GPT's own keys (not _orig_mod.*) and load_model, sample.py and hellaswag.py can read them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
+    try:
+        model = GPT(TINY)
+        wrapped = DDP(torch.compile(model))  # compiling is lazy: nothing runs here
+        assert parallel.unwrap(wrapped) is model
+        assert parallel.is_compiled(wrapped)
+        assert not parallel.is_compiled(DDP(model))
+        model_state, optimizer_state = parallel.full_state_dicts(wrapped, model.configure_optimizers(0.1, 1e-3))
+        assert list(model_state) == list(GPT(TINY).state_dict())
+        assert len(optimizer_state["param_groups"]) == 2
+    finally:
+        dist.destroy_process_group()
+
+
 def tiny_run_args(data_dir, out_dir, *extra: str) -> list:
     return ["train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}", "--data.demo=false",
             f"--train.out_dir={out_dir}", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64",
@@ -232,7 +251,8 @@ def test_bench_reports_each_variant_against_the_anchor(tiny_shards, tmp_path):
                "--model.loss_chunk=32", "--data.seq_len=32", "--data.micro_batch_size=4", "--train.dtype=float32",
                "--train.compile=false", "--bench.variants=anchor,default,other_head", "--bench.rounds=2",
                "--bench.steps=1", "--bench.warmup=0", f"--bench.json={report}", timeout=120)
-    rows = {row["variant"]: row for row in json.loads(report.read_text())["rows"]}
+    results = json.loads(report.read_text())
+    rows = {row["variant"]: row for row in results["rows"]}
     assert list(rows) == ["anchor", "default", "plain_head"]
     assert rows["anchor"]["settings"] == "plain head, foreach AdamW, eager, float32"
     assert rows["default"]["settings"] == "chunked head (32), fused AdamW, eager, float32, GELU recomputed"
@@ -241,5 +261,11 @@ def test_bench_reports_each_variant_against_the_anchor(tiny_shards, tmp_path):
     assert rows["anchor"]["memory_vs_anchor"] == 1.0
     assert rows["default"]["tokens_per_s"] == pytest.approx(4 * 32 / (rows["default"]["ms_per_step"] / 1000))
     assert 0 < rows["default"]["loader_share"] < 1  # the real loader read the shards
+    # MFU from the FLOP count train_gpt2.py logs (6N + 12 L C T) and the float32 matmul peak the run measured
+    n_params = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)).num_params()
+    assert results["flops_per_token"] == 6 * n_params + 12 * 1 * 32 * 32
+    achieved = results["flops_per_token"] * rows["default"]["tokens_per_s"]
+    assert rows["default"]["mfu_measured_peak"] == pytest.approx(
+        achieved / (results["measured_peak_tflops"]["float32"] * 1e12))
     # the plain head holds ~4 arrays of 128 x 50304 float32 (26 MB each) at once; the chunked head one of 32 rows
     assert rows["default"]["peak_memory_bytes"] < 0.5 * rows["plain_head"]["peak_memory_bytes"]
