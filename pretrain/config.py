@@ -250,6 +250,14 @@ def validate(cfg: Config) -> None:
     if cfg.train.sample_interval and not cfg.train.sample_prompt:
         raise ConfigError("train.sample_prompt is empty: samples need at least one character of text to continue "
                           "(or set train.sample_interval=0)")
+    # Under FSDP every forward pass gathers weights from all ranks: the health probe (rank 0 alone) would hang, and
+    # the HellaSwag scorer calls the blocks past the root's gather. Refused at startup rather than at the first one.
+    if cfg.train.parallel == "fsdp" and cfg.train.health_interval:
+        raise ConfigError("train.health_interval needs train.parallel=ddp: the health probe runs on rank 0 alone, "
+                          "and under fsdp every forward pass needs all ranks (set train.health_interval=0)")
+    if cfg.train.parallel == "fsdp" and cfg.train.hellaswag_interval:
+        raise ConfigError("train.hellaswag_interval needs train.parallel=ddp for now (set train.hellaswag_interval=0 "
+                          "and run hellaswag.py on the checkpoints)")
     _check_out_dir(cfg.train.out_dir)
     if not cfg.train.resume:
         raise ConfigError("train.resume is empty: expected auto, none or the path of a checkpoint")

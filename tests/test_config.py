@@ -55,6 +55,13 @@ def test_cross_key_validation():
         load_config(["--train.max_steps=0"])
 
 
+@pytest.mark.parametrize("key", ["train.health_interval", "train.hellaswag_interval"])
+def test_fsdp_refuses_the_evaluations_that_run_outside_its_gathers(key):
+    with pytest.raises(ConfigError, match=f"^{key} needs train.parallel=ddp"):
+        load_config(["--train.parallel=fsdp", f"--{key}=10"])
+    assert getattr(load_config([f"--{key}=10"]).train, key.split(".")[1]) == 10  # fine with ddp
+
+
 def test_grad_accum_steps():
     cfg = Config()  # 524288 tokens = 64 x 1024 x 8 ranks x 1
     assert grad_accum_steps(cfg, 8) == 1 and grad_accum_steps(cfg, 1) == 8
