@@ -227,6 +227,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
     def checkpoint_or_stop(steps_done: int, tokens_seen: int, stopping: bool, signal_name: str | None) -> bool:
         """Save when due or when stopping (every rank calls it: RNG states are gathered). True: stop now."""
         interval = cfg.train.checkpoint_interval
+        stopping = stopping and steps_done < cfg.train.max_steps  # a signal in the last step: finish the run instead
         is_checkpoint_step = steps_done == cfg.train.max_steps or (interval and steps_done % interval == 0)
         if not (is_checkpoint_step or stopping):
             return False
@@ -244,7 +245,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
         return stopping
 
     health = HealthMonitor(raw_model, out_dir / "health.jsonl", cfg.train.health_interval, cfg.optim.grad_clip,
-                           rt.autocast, enabled=master)
+                           rt.autocast, enabled=master, log=logger.write)  # warnings above the progress bar
     nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, out_dir)
     try:
         with preemption.StopSignals() as signals:
@@ -265,7 +266,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, device: torch.device) ->
     finally:
         logger.close()
     if master:
-        summary.report(run_summary, out_dir, final_checkpoint=checkpoint.find_latest(out_dir))
+        summary.report(run_summary, out_dir, checkpoint.find_latest(out_dir), tokens_seen)
 
 
 if __name__ == "__main__":

@@ -46,11 +46,11 @@ class RunSummary:
     def close(self) -> None:
         pass
 
-    def result(self, final_checkpoint: str | Path | None) -> dict:
-        """The summary as a dict of plain values (None where the run has no such number)."""
+    def result(self, final_checkpoint: str | Path | None, tokens_seen: int) -> dict:
+        """The summary as a dict of plain values (None where the run has no such number). tokens_seen counts the
+        run's every step, before a resume too (at whatever batch size those steps had)."""
         best_val = min(self.val, key=lambda entry: entry[1], default=(None, None))
         best_hellaswag = max(self.hellaswag, key=lambda entry: entry[1], default=(None, None))
-        tokens_seen = (self.last_step + 1) * self.tokens_per_step if self.last_step is not None else 0
         trained_tokens = self.steps * self.tokens_per_step
         has_time = self.train_seconds > 0
         return {
@@ -99,9 +99,10 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def report(run_summary: RunSummary, out_dir: str | Path, final_checkpoint: str | Path | None) -> dict:
+def report(run_summary: RunSummary, out_dir: str | Path, final_checkpoint: str | Path | None,
+           tokens_seen: int) -> dict:
     """Print the summary and write it to out_dir/summary.json (atomically); returns it."""
-    summary = run_summary.result(final_checkpoint)
+    summary = run_summary.result(final_checkpoint, tokens_seen)
     for line in summary_lines(summary):
         print(line, flush=True)
     atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")

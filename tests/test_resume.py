@@ -113,6 +113,14 @@ def test_final_validation_loss_is_of_the_final_weights(one_process, tiny_shards)
     assert loss.item() == pytest.approx(final_val, rel=1e-6)
 
 
+def test_summary_counts_the_tokens_of_steps_before_a_resume_at_their_own_batch_size(tiny_shards, tmp_path):
+    run_script(*run_args(tiny_shards, tmp_path, 2, "--train.eval_interval=0"))
+    run_script(*run_args(tiny_shards, tmp_path, 3, "--train.eval_interval=0", "--data.total_batch_tokens=512"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tokens_seen"] == 2 * STEP_TOKENS + 512
+    assert summary["tokens_seen"] == load_checkpoint(tmp_path / "ckpt_000003.pt")["tokens_seen"]
+
+
 def test_rerun_of_a_finished_run_does_nothing(one_process, tiny_shards):
     result = run_script(*run_args(tiny_shards, one_process["split"], 6))
     assert "already at step 6" in result.stdout

@@ -78,11 +78,11 @@ def test_summary_takes_the_lowest_loss_and_the_highest_hellaswag():
                    {"step": 2, "val_loss": 4.0, "hellaswag_acc_norm": 0.31},
                    {"step": 2, "val_loss": 4.5, "hellaswag_acc_norm": 0.28}):
         summary.log(record)
-    result = summary.result("ckpt.pt")
+    result = summary.result("ckpt.pt", tokens_seen=1200)  # steps before a resume count too
     assert (result["best_val_loss"], result["best_val_loss_step"]) == (4.0, 2)
     assert result["final_val_loss"] == 4.5
     assert (result["best_hellaswag_acc_norm"], result["best_hellaswag_step"]) == (0.31, 2)
-    assert result["tokens_seen"] == 200
+    assert result["tokens_seen"] == 1200
     assert result["mean_tokens_per_s"] == pytest.approx(200 / 4.0)
     assert result["mean_mfu"] == pytest.approx((0.1 * 1 + 0.3 * 3) / 4)  # the MFU at the mean throughput
 
