@@ -45,7 +45,7 @@ from pretrain import parallel, runtime, shard_builder
 from pretrain.config import ConfigError, HelpRequested, load_config
 from pretrain.fileio import atomic_write_text
 from pretrain.loader import ShardLoader
-from pretrain.metrics import GPU_PEAK_TFLOPS, flops_per_token
+from pretrain.metrics import flops_per_token, gpu_peak_tflops
 from pretrain.shards import ShardError, list_shards
 
 BENCH_DEFAULTS = {"steps": 3, "rounds": 3, "warmup": 2, "variants": "", "memory": "true", "json": "", "profile": "0"}
@@ -224,8 +224,7 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
 def datasheet_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
+    return gpu_peak_tflops(torch.cuda.get_device_name(device))  # the table train_gpt2.py's MFU uses
 
 
 def run_timing(bench: Bench, variants: list[Variant], options: dict) -> dict[str, float]:
