@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pretrain.fileio import atomic_write_text
-from pretrain.shards import HEADER_BYTES, write_shard
+from pretrain.shards import HEADER_BYTES, is_shard_name, write_shard
 from pretrain.sources import CorpusError, LocalFiles, Source, demo_source, sha256_text
 from pretrain.tokenize_pool import available_cpus, chunks, maybe_pool, tokenized
 from pretrain.tokenizer import EOT_ID, RANKS_SHA256
@@ -107,16 +107,10 @@ def _check_same_config(saved: dict, config: dict, output_dir: Path) -> None:
                       "use the same arguments to continue it, or another --output (or delete the directory)")
 
 
-def _is_shard_name(name: str) -> bool:
-    """Whether the training loader would read a file of this name (see pretrain.shards.list_shards)."""
-    has_split = "_train_" in name or "_val_" in name
-    return has_split and name.endswith((".bin", ".npy")) and not name.startswith(".")
-
-
 def _check_no_foreign_shards(output_dir: Path, prefix: str) -> None:
     """The training loader reads every shard in a directory, so shards of another build beside ours would be mixed
     into the training data."""
-    foreign = sorted(p.name for p in output_dir.iterdir() if _is_shard_name(p.name) and
+    foreign = sorted(p.name for p in output_dir.iterdir() if is_shard_name(p.name) and
                      not p.name.startswith(f"{prefix}_"))
     if foreign:
         raise CorpusError(f"{output_dir} holds shards of another build ({foreign[0]}, ...): training would mix "

@@ -61,6 +61,13 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
+def is_shard_name(name: str, split: str | None = None) -> bool:
+    """Whether the loader reads a file of this name as a shard of `split` (of either split when None)."""
+    splits = (split,) if split else ("train", "val")
+    has_split = any(f"_{s}_" in name for s in splits)
+    return has_split and name.endswith((".bin", ".npy")) and not name.startswith(".")
+
+
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     """The shards of one split ("train" or "val") in a directory, sorted by name: *_{split}_*.bin or .npy."""
     data_dir = Path(data_dir)
@@ -68,8 +75,7 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
         raise FileNotFoundError(f"data directory {data_dir} is a file; expected the directory of the shards")
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
-    shards = sorted(p for p in data_dir.iterdir()
-                    if p.suffix in (".bin", ".npy") and f"_{split}_" in p.name and not p.name.startswith("."))
+    shards = sorted(p for p in data_dir.iterdir() if is_shard_name(p.name, split))
     if not shards:
         raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin or .npy) in {data_dir}")
     return shards
