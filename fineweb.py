@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("choose one source: --dataset/--name, --input or --demo")
     if args.input and args.output is None:
         p.error("--input needs --output (the shard directory)")
-    if args.shard_size == 0:
+    if args.shard_size == 0:  # the token-count parser already refuses negatives
         p.error("--shard-size must be at least 1 token")
     return args
 
@@ -124,7 +124,9 @@ def main(argv=None) -> int:
         os.environ.setdefault(var, value)
     try:
         source, output, prefix = make_source(args)
-        shard_size = args.shard_size or (DEMO_SHARD_SIZE if args.demo else DEFAULT_SHARD_SIZE)
+        shard_size = args.shard_size
+        if shard_size is None:
+            shard_size = DEMO_SHARD_SIZE if args.demo else DEFAULT_SHARD_SIZE
         val_tokens = args.val_tokens
         if val_tokens is None:
             val_tokens = default_val_tokens(args, source)
