@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pretrain.health_plots import plot_health
-from pretrain.plots import MetricsError, build_figure, read_run, save_figure
+from pretrain.plots import build_figure, read_run, save_figure
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +52,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (MetricsError, ImportError, FileNotFoundError) as e:
+    except (ValueError, ImportError, FileNotFoundError) as e:  # ValueError: a bad or empty metrics/health file
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT
+from pretrain.fileio import read_jsonl
 
 # Update-to-data ratio bounds for warnings. Adam's normalised steps put a healthy GPT at 1e-2..1e-1 while the
 # learning rate peaks (the demo config: blocks 2-3e-2, the token embedding 7e-2), so the high bound is 1e-1: a layer
@@ -293,4 +294,4 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "health.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)  # a last line cut short by a crash is left out

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.fileio import atomic_path
+from pretrain.fileio import atomic_path, read_jsonl
 
 # HellaSwag acc_norm of OpenAI's GPT-2 124M, completion style (build-nanogpt / llm.c), the line to beat.
 GPT2_124M_HELLASWAG = 0.2955
@@ -22,24 +22,11 @@ class MetricsError(ValueError):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl, in order. A last line cut short (the run was killed mid-write) is skipped."""
+    """The records of a metrics.jsonl, in order (a last line cut short is skipped)."""
     path = Path(path)
     if not path.is_file():
         raise MetricsError(f"{path} does not exist (a run folder holds metrics.jsonl once training has started)")
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            is_cut_short = number == len(lines) and not text.endswith("\n")
-            if is_cut_short:
-                break
-            raise MetricsError(f"{path}, line {number}: not a JSON record: {line[:80]!r}") from None
-    return records
+    return read_jsonl(path)
 
 
 PANELS = ("loss", "loss against tokens seen", "HellaSwag acc_norm", "learning rate", "gradient norm", "tokens/s")

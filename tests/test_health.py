@@ -298,6 +298,14 @@ def test_plot_py_draws_a_runs_health(demo_settings_run, tmp_path):
     no_health = run_script("plot.py", tmp_path, "--health", check=False, timeout=120)
     assert no_health.returncode == 2
     assert "train.health_interval" in no_health.stderr
+    # a run killed while writing a record: the cut-short last line is left out, the rest is drawn
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "health.jsonl").write_text((out / "health.jsonl").read_text() + '{"step": 99, "lay')
+    assert run_script("plot.py", killed, "--health", timeout=120).stdout == f"wrote {killed / 'health.png'}\n"
+    (killed / "health.jsonl").write_text("")
+    empty = run_script("plot.py", killed, "--health", check=False, timeout=120)
+    assert (empty.returncode, empty.stderr) == (2, "error: no health records to plot: was train.health_interval set?\n")
 
 
 def test_two_ranks_record_what_one_process_records(tiny_shards, demo_settings_run, tmp_path):
