@@ -4,18 +4,18 @@
     python bench.py --config configs/gpt2-124M.toml --data.micro_batch_size=4 --bench.variants=anchor,default
     python bench.py --config configs/gpt2-124M.toml --bench.json=runs/bench-124M.json     # on a GPU
 
-A step is what train_gpt2.py does for one micro-batch: the batch onto the device, forward, backward, gradient
-clipping, AdamW. Variants (--bench.variants, default all that apply here):
+A step is train_gpt2.py's own training step (pretrain.trainer.train_step) on one micro-batch: the batch onto the
+device, forward, backward, gradient clipping, AdamW. Variants (--bench.variants, default all that apply here):
   anchor      the anchors' way (nanoGPT, build-nanogpt): plain head + cross-entropy, every GELU output kept for
               backward; fused AdamW and bfloat16
               autocast only on CUDA (float32 and foreach AdamW on CPU); compiled as the config says
   default     the config as given, as train_gpt2.py would run it
-  other_head  default with the other head: the plain head + cross-entropy (model.loss_chunk=0) if the config
+  other_head  default with the other head: the plain head + cross-entropy (train.loss_chunk=0) if the config
               chunks it, else the chunked head (model.py's default chunk)
   foreach_adamw  default with the unfused AdamW
   eager / compiled, float32 / bfloat16   default with the other compile setting / autocast dtype
   act_ckpt    default with activation checkpointing
-  kept_gelu   default keeping each GELU's output for backward (model.recompute_gelu=false), as the anchors do
+  kept_gelu   default keeping each GELU's output for backward (train.recompute_gelu=false), as the anchors do
 Rounds visit every variant in turn, so the machine's noise hits all alike; times are medians over all rounds.
 MFU uses train_gpt2.py's FLOP count against a matmul peak measured in the same run (and a known GPU's datasheet
 figure). Peak memory comes from a fresh process per variant (CPU: peak resident memory above the process's
@@ -40,13 +40,15 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig
-from pretrain import parallel, runtime, shard_builder
-from pretrain.config import ConfigError, HelpRequested, load_config
+from model import DEFAULT_LOSS_CHUNK, GPT
+from pretrain import errors, parallel, runtime, shard_builder
+from pretrain.config import ConfigError, load_config
 from pretrain.fileio import atomic_write_text
 from pretrain.loader import ShardLoader
 from pretrain.metrics import flops_per_token, gpu_peak_tflops
+from pretrain.optim import build_optimizer
 from pretrain.shards import ShardError, list_shards
+from pretrain.trainer import train_step
 
 BENCH_DEFAULTS = {"steps": 3, "rounds": 3, "warmup": 2, "variants": "", "memory": "true", "json": "", "profile": "0"}
 ALL_VARIANTS = ("anchor", "default", "other_head", "foreach_adamw", "other_compile", "other_dtype", "act_ckpt",
@@ -100,8 +102,8 @@ def split_bench_args(argv: list[str]) -> tuple[dict, list[str]]:
 
 def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Variant], list[str]]:
     """The variants asked for, and a note for each one that does not apply on this machine."""
-    default = Variant("default", "default", cfg.model.loss_chunk, True, rt.compile, rt.dtype,
-                      cfg.train.activation_checkpointing, cfg.model.recompute_gelu)
+    default = Variant("default", "default", cfg.train.loss_chunk, True, rt.compile, rt.dtype,
+                      cfg.train.activation_checkpointing, cfg.train.recompute_gelu)
     made, notes = [], []
     for name in names:
         if name == "anchor":
@@ -112,7 +114,7 @@ def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Vari
         elif name == "default":
             made.append(default)
         elif name == "other_head":
-            other_chunk = 0 if cfg.model.loss_chunk else GPTConfig.loss_chunk
+            other_chunk = 0 if cfg.train.loss_chunk else DEFAULT_LOSS_CHUNK
             made.append(_like(default, name, "chunked_head" if other_chunk else "plain_head", loss_chunk=other_chunk))
         elif name == "foreach_adamw":
             made.append(_like(default, name, "foreach_adamw", fused_adamw=False))
@@ -155,7 +157,7 @@ def _dtype_unsuitable(dtype: torch.dtype, device: torch.device) -> str | None:
 
 class Batches:
     """Training batches from the config's shards (the real loader, so its cost is counted), or random tokens when
-    there are none."""
+    there are none; `seconds` adds up the time spent getting them."""
 
     def __init__(self, cfg):
         B, T = cfg.data.micro_batch_size, cfg.data.seq_len
@@ -167,12 +169,27 @@ class Batches:
         self.source = f"shards in {cfg.data.dir}" if has_shards else f"random tokens (no shards in {cfg.data.dir})"
         self.generator = torch.Generator().manual_seed(0)
         self.shape = (B, T)
+        self.seconds = 0.0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
         if self.loader is not None:
-            return self.loader.next_batch()
-        tokens = torch.randint(0, 50257, (self.shape[0], self.shape[1] + 1), generator=self.generator)
-        return tokens[:, :-1], tokens[:, 1:]
+            batch = self.loader.next_batch()
+        else:
+            tokens = torch.randint(0, 50257, (self.shape[0], self.shape[1] + 1), generator=self.generator)
+            batch = tokens[:, :-1], tokens[:, 1:]
+        self.seconds += time.perf_counter() - start
+        return batch
+
+
+class OneBatch:
+    """A loader of one given batch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.batch = (x, y)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
 
 
 class Bench:
@@ -185,35 +202,26 @@ class Bench:
         self.model = GPT(cfg.model).to(rt.device)
         self.batches = Batches(cfg)
         self.optimizers, self.modules = {}, {}
-        args = (cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps,
-                rt.device.type)
         for v in variants:
-            self.optimizers[v.name] = self.model.configure_optimizers(*args, fused=v.fused_adamw)
+            self.optimizers[v.name] = build_optimizer(self.model, cfg.optim, rt.device.type, fused=v.fused_adamw)
             self.modules[v.name] = torch.compile(self.model) if v.compile else self.model
 
     def sync(self) -> None:
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(self, v: Variant, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
-        """One training step as variant v (on `batch`, else the next one); returns (step seconds, seconds of it
-        spent getting the batch)."""
-        self.model.config.loss_chunk = v.loss_chunk
-        self.model.config.recompute_gelu = v.recompute_gelu
+    def step(self, v: Variant, loader=None) -> tuple[float, float]:
+        """One training step (train_step, one micro-batch) as variant v, on the next batch of `loader` (default:
+        the config's batches); returns (step seconds, seconds of it spent getting the batch)."""
+        self.model.set_training_memory(v.loss_chunk, v.recompute_gelu)
         parallel.set_activation_checkpointing(self.model, v.activation_checkpointing)
         rt = runtime.Runtime(self.rt.device, v.dtype, v.compile)
-        optimizer = self.optimizers[v.name]
+        loader = loader or self.batches
+        loading_before = getattr(loader, "seconds", 0.0)
         start = time.perf_counter()
-        x, y = rt.to_device(*(batch or self.batches.next()))
-        loaded = time.perf_counter()
-        with rt.autocast():
-            _, loss = self.modules[v.name](x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device
-        return time.perf_counter() - start, loaded - start
+        train_step(self.modules[v.name], self.optimizers[v.name], loader, 1, self.cfg.optim.lr,
+                   self.cfg.optim.grad_clip, rt)  # ends with a host sync, so the time is real
+        return time.perf_counter() - start, getattr(loader, "seconds", 0.0) - loading_before
 
 
 def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -271,7 +279,7 @@ def measure_memory(v: Variant, cfg, rt: runtime.Runtime) -> float:
         before = _resident_bytes("VmRSS")
     bench = Bench(cfg, rt, [v])
     one_token = torch.zeros((1, 1), dtype=torch.long)
-    bench.step(v, (one_token, one_token))
+    bench.step(v, OneBatch(one_token, one_token))
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
         bench.step(v)
@@ -346,7 +354,10 @@ def machine(device: torch.device) -> str:
 
 def main(argv: list[str]) -> None:
     options, config_argv = split_bench_args(argv)
-    cfg = load_config(config_argv, prog="bench.py")
+    try:
+        cfg = load_config(config_argv, prog="bench.py")
+    except errors.HelpRequested as help_text:
+        raise errors.HelpRequested(f"{__doc__}\n{help_text}") from None
     rt = runtime.resolve(cfg.train.device, cfg.train.dtype, cfg.train.compile)
     names = [n for n in options["variants"].split(",") if n] or list(ALL_VARIANTS)
     variants, notes = make_variants(names, cfg, rt)
@@ -387,17 +398,10 @@ def main(argv: list[str]) -> None:
 def _has_train_shards(data_dir: str) -> bool:
     try:
         return bool(list_shards(data_dir, "train"))
-    except (ShardError, FileNotFoundError):
+    except ShardError:
         return False
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        main(sys.argv[1:])
-    except HelpRequested as help:
-        print(__doc__)
-        print(help)
-    except (ConfigError, ShardError, runtime.RuntimeChoiceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    errors.run(main)

@@ -15,7 +15,6 @@ Everything else is the same: model, initial weights, batch, steps, LR schedule, 
 """
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -26,8 +25,9 @@ from model import GPT
 from pretrain import runtime, shard_builder
 from pretrain.config import Config, grad_accum_steps, load_config
 from pretrain.loader import ShardLoader, document_starts
-from pretrain.schedule import lr_at
+from pretrain.optim import build_optimizer, lr_at
 from pretrain.shards import list_shards, read_shard
+from pretrain.trainer import evaluate, train_step
 
 ORDERS = ("shards", "lanes", "random")
 
@@ -82,38 +82,21 @@ def make_loader(order: str, cfg: Config):
 
 
 def train(cfg: Config, loader, steps: int, rt: runtime.Runtime) -> GPT:
-    """train_gpt2.py's optimizer step on one process: the same init, schedule, accumulation and clipping."""
+    """train_gpt2.py's init, optimizer, schedule and training step (pretrain.trainer) on one process."""
     runtime.seed_everything(cfg.train.seed)
     model = GPT(cfg.model).to(rt.device)
-    optimizer = model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
-                                           cfg.optim.eps, rt.device.type)
+    model.set_training_memory(cfg.train.loss_chunk, cfg.train.recompute_gelu)
+    optimizer = build_optimizer(model, cfg.optim, rt.device.type)
     accum_steps = grad_accum_steps(cfg, 1)
     for step in range(steps):
-        for _ in range(accum_steps):
-            x, y = loader.next_batch()
-            with rt.autocast():
-                _, loss = model(x.to(rt.device), y.to(rt.device))
-            (loss / accum_steps).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, steps)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, loader, accum_steps, lr_at(step, cfg.optim, steps), cfg.optim.grad_clip, rt)
     return model
 
 
-@torch.no_grad()
 def validation_loss(model: GPT, cfg: Config, batches: int, rt: runtime.Runtime) -> float:
-    """The evaluator every order is scored by: the first `batches` batches of the val split, in file order."""
-    model.eval()
+    """The evaluator every order is scored by (training's): the first `batches` batches of the val split."""
     loader = ShardLoader(cfg.data.dir, "val", cfg.data.micro_batch_size, cfg.data.seq_len, shuffle=False)
-    total = 0.0
-    for _ in range(batches):
-        x, y = loader.next_batch()
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        total += loss.item()
-    return total / batches
+    return evaluate(model, loader, batches, rt)
 
 
 def main() -> None:

@@ -9,10 +9,9 @@ programs through load_model(folder).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-from pretrain import hf_export
+from pretrain import errors, hf_export
 from pretrain.checkpoint import CheckpointError, find_latest, load_model
 
 
@@ -30,8 +29,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (CheckpointError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    errors.run(main)

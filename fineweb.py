@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from pretrain import errors
 from pretrain.shard_builder import (
     DEFAULT_SHARD_SIZE,
     DEFAULT_VAL_TOKENS,
@@ -26,7 +27,7 @@ from pretrain.shard_builder import (
     build_corpus,
     local_val_tokens,
 )
-from pretrain.sources import CorpusError, HubDataset, LocalFiles, demo_source, resolve_inputs
+from pretrain.sources import HubDataset, LocalFiles, demo_source, resolve_inputs
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_CONFIG = "sample-10BT"
@@ -118,7 +119,7 @@ def print_summary(result: BuildResult) -> None:
         print("warning: no train shards: the whole input fits in --val-tokens", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     for var, value in QUIET_HUB.items():
         os.environ.setdefault(var, value)
@@ -134,9 +135,6 @@ def main(argv=None) -> int:
               f"{val_tokens:,} val tokens, {args.workers} workers)")
         result = build_corpus(source, output, prefix=prefix, shard_size=shard_size, val_tokens=val_tokens,
                               workers=args.workers)
-    except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue after the last complete shard", file=sys.stderr)
         return 130
@@ -145,4 +143,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run(main)

@@ -11,11 +11,10 @@ Published figures for GPT-2 124M: completion style acc 0.2859, acc_norm 0.2955 (
 
 import argparse
 import json
-import sys
 
-from pretrain import checkpoint, distributed, runtime
+from pretrain import checkpoint, distributed, errors, runtime
 from pretrain.fileio import atomic_write_text
-from pretrain.hellaswag import DATASET, STYLES, HellaSwagError, HellaSwagUnavailable, load
+from pretrain.hellaswag import DATASET, STYLES, HellaSwagUnavailable, load
 from pretrain.hellaswag_scoring import evaluate
 
 
@@ -29,8 +28,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward (default: 16)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32 (default: auto, as training)")
-    parser.add_argument("--compile", default="auto", help="torch.compile: auto (on for CUDA), true or false")
+    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
+                        help="auto, bfloat16 or float32 (default: auto, as training)")
+    parser.add_argument("--compile", default="auto", choices=runtime.COMPILE_SETTINGS,
+                        help="torch.compile: auto (on for CUDA), true or false")
     parser.add_argument("--output", help="write the result and the settings to this JSON file")
     args = parser.parse_args(argv)
     if args.limit < 0 or args.batch_size < 1:
@@ -65,8 +66,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (HellaSwagError, checkpoint.CheckpointError, runtime.RuntimeChoiceError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    errors.run(main)

@@ -6,27 +6,34 @@ tanh-GELU MLP, a final LayerNorm and an LM head tied to the token embedding.
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+DEFAULT_LOSS_CHUNK = 1024  # tokens per chunk of the head's loss in training (see ChunkedHeadLoss)
 # The Linear weights Hugging Face's GPT-2 stores as Conv1D: transposed relative to nn.Linear.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def option(default, help: str, valid: str | None = None, choices: tuple | None = None):
+    """A config field with its --help line and its valid values: an interval for numbers ("[1, inf)": "[" includes
+    the end, "(" excludes it) or a tuple of choices. pretrain/config.py reads them, so each key is declared once."""
+    return field(default=default, metadata={"help": help, "valid": valid, "choices": choices})
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence the position embedding covers
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls, padded ids never targets
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block; n_embd must divide by it
-    n_embd: int = 768  # width of the residual stream
-    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
-    dropout: float = 0.0  # dropout on embeddings, attention and residual branches (0 for pretraining)
-    loss_chunk: int = 1024  # training: head + cross-entropy this many tokens at a time, never all logits; 0: plain
-    recompute_gelu: bool = True  # eager training: recompute each MLP's GELU in backward instead of keeping its output
+    block_size: int = option(1024, "longest sequence the position embedding covers", "[1, inf)")
+    vocab_size: int = option(50304, "GPT-2's 50257 padded up to a multiple of 64: faster matmuls, padded ids never "
+                                    "targets", "[50257, inf)")
+    n_layer: int = option(12, "transformer blocks", "[1, inf)")
+    n_head: int = option(12, "attention heads per block; n_embd must divide by it", "[1, inf)")
+    n_embd: int = option(768, "width of the residual stream", "[1, inf)")
+    bias: bool = option(True, "GPT-2 has biases in every Linear and LayerNorm")
+    dropout: float = option(0.0, "dropout on embeddings, attention and residual branches (0 for pretraining)",
+                            "[0, 1)")
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -143,13 +150,13 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled_init = True
         self.dropout = nn.Dropout(config.dropout)
-        self.config = config
+        self.recompute_gelu = True  # set by GPT.set_training_memory
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
         # Eager training recomputes the GELU in backward to save memory; a compiled graph decides what to keep on its
         # own (inductor's partitioner recomputes cheap elementwise ops), and without gradients nothing is kept.
-        if self.config.recompute_gelu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self.recompute_gelu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self.dropout(GeluProjection.apply(h, self.c_proj.weight, self.c_proj.bias))
         return self.dropout(self.c_proj(self.gelu(h)))
 
@@ -182,6 +189,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix embeds and un-embeds
         self.apply(self._init_weights)
+        self.loss_chunk = DEFAULT_LOSS_CHUNK  # set by set_training_memory
+
+    def set_training_memory(self, loss_chunk: int = DEFAULT_LOSS_CHUNK, recompute_gelu: bool = True) -> None:
+        """How training computes, not what the model is (the weights and outputs are the same either way):
+        loss_chunk > 0 runs the head and its loss that many tokens at a time (ChunkedHeadLoss) instead of holding
+        every logit; recompute_gelu makes eager training recompute each GELU in backward instead of keeping it."""
+        self.loss_chunk = loss_chunk
+        for block in self.transformer.h:
+            block.mlp.recompute_gelu = recompute_gelu
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -223,32 +239,17 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx, targets: (B, T) token ids. Returns (logits, loss): with targets, logits for every position
         and the mean cross-entropy (targets of -1 are ignored); without, logits for the last position only.
-        When gradients are on and config.loss_chunk is set, the loss comes from ChunkedHeadLoss and logits is None."""
+        When gradients are on and self.loss_chunk is set, the loss comes from ChunkedHeadLoss and logits is None."""
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs only the next token's logits
-        if self.config.loss_chunk and torch.is_grad_enabled():
+        if self.loss_chunk and torch.is_grad_enabled():
             loss = chunked_head_loss(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                     self.config.loss_chunk)
+                                     self.loss_chunk)
             return None, loss  # the logits never existed all at once
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
-                             eps: float = 1e-8, device_type: str = "cpu",
-                             fused: bool | None = None) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings (params of 2+ dims) only, never on biases or
-        LayerNorm gains. fused (default on CUDA and CPU): one kernel pass over each tensor instead of a dozen
-        elementwise ones; on CPU it measured ~4x faster than the foreach path."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        if fused is None:
-            fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

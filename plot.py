@@ -11,9 +11,9 @@ Needs matplotlib (pip install matplotlib).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
+from pretrain import errors
 from pretrain.health_plots import plot_health
 from pretrain.plots import build_figure, read_run, save_figure
 
@@ -50,8 +50,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, ImportError, FileNotFoundError) as e:  # ValueError: a bad or empty metrics/health file
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    errors.run(main)

@@ -11,8 +11,8 @@ text. Messages about the model go to stderr, so stdout holds only the samples.
 import argparse
 import sys
 
-from pretrain import runtime
-from pretrain.checkpoint import CheckpointError, add_model_arguments, load_model
+from pretrain import errors, runtime
+from pretrain.checkpoint import add_model_arguments, load_model
 from pretrain.sampling import generate_text
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
@@ -66,8 +66,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (CheckpointError, runtime.RuntimeChoiceError, ImportError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    errors.run(main)

@@ -27,17 +27,16 @@ import torch
 
 from model import GPT, GPTConfig
 from pretrain import distributed, parallel
+from pretrain.errors import MissingPackage, UserError
 from pretrain.fileio import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
-TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\.tmp\.\d+$")  # fileio.atomic_path's temporary name for a checkpoint
-# What save_training_state writes and a resumed run needs.
-RESUME_KEYS = ("model", "optimizer", "step", "tokens_seen", "train_loader", "rng", "config", "world_size")
-# Model settings that change the parameters' shapes or meaning: a checkpoint only resumes with the same ones.
-MODEL_SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+# How to compute, not what the model is: [model] keys of older checkpoints, now train.loss_chunk and
+# train.recompute_gelu.
+MOVED_TO_TRAIN = ("loss_chunk", "recompute_gelu")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, truncated, corrupt, not one of ours, or does not fit this run."""
 
 
@@ -82,38 +81,20 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 # -- training state --------------------------------------------------------------------------------------------
 
-def save_training_state(out_dir: str | Path, step: int, tokens_seen: int, model_state: dict, optimizer_state: dict,
+def save_training_state(path: str | Path, step: int, tokens_seen: int, model_state: dict, optimizer_state: dict,
                         train_loader, config: dict, device: torch.device) -> Path:
-    """Save everything a run needs to continue after `step` completed steps, as ckpt_<step>.pt in out_dir.
+    """Save everything a run needs to continue after `step` completed steps, to path.
     Every rank calls this (their RNG states are gathered); rank 0 writes. model_state, optimizer_state: the whole
     model's, in one process's layout (pretrain.parallel.full_state_dicts, also under FSDP); train_loader anything
     with a state_dict (the ShardLoader). Returns the path on every rank."""
     rng = distributed.gather_to_master(rng_state(device))
-    path = checkpoint_path(out_dir, step)
+    path = Path(path)
     if rng is not None:
         state = {"model": model_state, "optimizer": optimizer_state, "step": step,
                  "tokens_seen": tokens_seen, "train_loader": train_loader.state_dict(), "rng": rng,
                  "config": config, "world_size": len(rng)}
         save_checkpoint(path, state)
     return path
-
-
-def model_differences(saved_config: dict, config: dict) -> list[str]:
-    """The model settings that differ between a checkpoint's config and this run's, as 'key saved -> now'."""
-    saved_model, model = saved_config.get("model", {}), config["model"]
-    return [f"model.{key} {saved_model.get(key)!r} -> {model[key]!r}" for key in MODEL_SHAPE_KEYS
-            if saved_model.get(key) != model[key]]
-
-
-def changed_settings(saved_config: dict, config: dict) -> list[str]:
-    """Every other setting this run changes relative to the checkpoint (allowed; reported in the log)."""
-    changes = []
-    for section, values in config.items():
-        for key, value in values.items():
-            saved = saved_config.get(section, {}).get(key, value)
-            if saved != value and (section, key) != ("train", "resume"):
-                changes.append(f"{section}.{key} {saved!r} -> {value!r}")
-    return changes
 
 
 def restore_training_state(state: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -169,32 +150,12 @@ def find_latest(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(out_dir: str | Path, keep: int, newest_step: int | None = None) -> None:
-    """Delete all but the newest `keep` checkpoints (keep 0: delete none). With newest_step, only checkpoints up
-    to that step count, so a file with a higher step can never push out the one just saved."""
-    if keep <= 0:
-        return
-    found = list_checkpoints(out_dir)
-    if newest_step is not None:
-        found = [p for p in found if checkpoint_step(p) <= newest_step]
-    for path in found[:-keep]:
-        path.unlink()
-
-
-def remove_stray_temp_files(out_dir: str | Path) -> list[Path]:
-    """Delete the temporary files a killed save left behind (never a finished checkpoint). Returns them."""
-    out_dir = Path(out_dir)
-    stray = [p for p in out_dir.iterdir() if TEMP_RE.match(p.name)] if out_dir.is_dir() else []
-    for path in stray:
-        path.unlink(missing_ok=True)
-    return stray
-
-
 def _model_config(state: dict, path: Path) -> GPTConfig:
     saved = state["config"].get("model") if isinstance(state["config"], dict) else None
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path} has no model config (config['model'])")
     known = {f.name for f in dataclasses.fields(GPTConfig)}
+    saved = {k: v for k, v in saved.items() if k not in MOVED_TO_TRAIN}
     unknown = sorted(set(saved) - known)
     if unknown:
         raise CheckpointError(f"checkpoint {path}: its model config has keys this model.py does not know "
@@ -243,9 +204,14 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
     else:
         try:
             model, meta = GPT.from_pretrained(str(source)), {}
-        except OSError:
+        except ImportError:
+            raise MissingPackage("loading OpenAI's GPT-2 weights or a Hugging Face folder needs the transformers "
+                                 "package: pip install transformers") from None
+        except (OSError, ValueError) as e:
             if source_path.exists():
-                raise
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{source_path} is not a readable Hugging Face GPT-2 folder: {first_line}") \
+                    from None
             raise CheckpointError(f"no checkpoint or run directory {str(source)!r} here, and the Hugging Face Hub "
                                   "has no GPT-2 model of that name or cannot be reached") from None
     return model.to(device).eval(), meta

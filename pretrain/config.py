@@ -2,73 +2,95 @@
 
     python train_gpt2.py --config configs/gpt2-124M.toml --optim.lr=3e-4 --train.max_steps 100
 
-Every key lives in one section ([model], [data], [optim], [train]); an unknown key or a value of the wrong
-type stops with an error that names it and lists what is valid. The comment beside each field is its --help line.
+Every key lives in one section ([model], [data], [optim], [train]) and is declared once, as its field: type,
+default, valid values and help line (model.option). An unknown key, a value of the wrong type or one outside its
+valid values stops with an error that names it and says what is valid; validate() holds the rules between keys.
 """
 
 import dataclasses
-import inspect
 import math
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model import GPTConfig
+from model import GPTConfig, option
+from pretrain.errors import HelpRequested, UserError
+from pretrain.hellaswag import STYLES as HELLASWAG_STYLES
+from pretrain.parallel import MODES as PARALLEL_MODES
+from pretrain.runtime import COMPILE_SETTINGS, DTYPES
 
 
 @dataclass
 class DataConfig:
-    dir: str = "data/fineweb-edu-sample-10BT"  # holds *_train_*.bin and *_val_*.bin shards
-    demo: bool = False  # dir is the demo corpus: build it (offline, in seconds) if it is missing
-    seq_len: int = 1024  # tokens per sequence, at most model.block_size
-    micro_batch_size: int = 64  # sequences per forward/backward on one device
-    total_batch_tokens: int = 524288  # tokens per optimizer step over all devices; 2**19 ~ 0.5M (GPT-3 125M)
-    shuffle: bool = True  # shuffle documents over all shards each epoch; false: files in order (val never is)
-    seed: int = 1337  # seeds the per-epoch shuffle of the documents and lanes
+    dir: str = option("data/fineweb-edu-sample-10BT", "holds *_train_*.bin and *_val_*.bin shards")
+    demo: bool = option(False, "dir is the demo corpus: build it (offline, in seconds) if it is missing")
+    seq_len: int = option(1024, "tokens per sequence, at most model.block_size", "[1, inf)")
+    micro_batch_size: int = option(64, "sequences per forward/backward on one device", "[1, inf)")
+    total_batch_tokens: int = option(524288, "tokens per optimizer step over all devices; 2**19 ~ 0.5M (GPT-3 125M)",
+                                     "[1, inf)")
+    shuffle: bool = option(True, "shuffle documents over all shards each epoch; false: files in order (val never is)")
+    seed: int = option(1337, "seeds the per-epoch shuffle of the documents and lanes", "[0, inf)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr: float = 6e-5  # cosine decay ends here, 10% of peak
-    warmup_steps: int = 715  # linear warmup steps (375M tokens at 2**19 tokens/step)
-    weight_decay: float = 0.1  # AdamW weight decay, on 2-D parameters (matrices, embeddings) only
-    beta1: float = 0.9  # AdamW's first-moment decay
-    beta2: float = 0.95  # AdamW's second-moment decay
-    eps: float = 1e-8  # AdamW's denominator epsilon
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    lr: float = option(6e-4, "peak learning rate, reached after warmup", "(0, inf)")
+    min_lr: float = option(6e-5, "cosine decay ends here, 10% of peak", "[0, inf)")
+    warmup_steps: int = option(715, "linear warmup steps (375M tokens at 2**19 tokens/step)", "[0, inf)")
+    weight_decay: float = option(0.1, "AdamW weight decay, on 2-D parameters (matrices, embeddings) only", "[0, inf)")
+    beta1: float = option(0.9, "AdamW's first-moment decay", "[0, 1)")
+    beta2: float = option(0.95, "AdamW's second-moment decay", "[0, 1)")
+    eps: float = option(1e-8, "AdamW's denominator epsilon", "(0, inf)")
+    # a negative max norm would flip the gradient and train uphill
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping", "[0, inf)")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 19073  # ~10B tokens at 2**19 tokens/step
-    out_dir: str = "runs/gpt2-124M"  # metrics.jsonl and checkpoints go here
-    device: str = "auto"  # auto picks cuda, then mps, then cpu
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 where supported), bfloat16 or float32
-    compile: str = "auto"  # torch.compile: auto (on for CUDA), true or false
-    seed: int = 1337  # seeds the initial weights, dropout and sampling
-    log_interval: int = 1  # print a training step every N steps when not on a terminal (all go to metrics.jsonl)
-    eval_interval: int = 250  # validation loss every N steps and at the last step; 0 disables
-    val_steps: int = 20  # validation batches per evaluation on each rank
-    sample_interval: int = 250  # print text samples every N steps; 0 disables
-    sample_tokens: int = 32  # tokens generated per sample
-    sample_prompt: str = "Hello, I'm a language model,"  # the text every sample continues
-    checkpoint_interval: int = 1000  # save every N steps (0: only the final step, which is always saved)
-    keep_checkpoints: int = 3  # delete older checkpoints beyond the newest N; 0 keeps them all
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)
-    health_interval: int = 0  # record update/data ratios, gradients, activations to health.jsonl every N steps; 0: off
-    resume: str = "auto"  # auto: continue from out_dir's newest checkpoint if any; none: start fresh; or a ckpt path
-    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm to skip (unapplied) before stopping
-    wandb_project: str = ""  # log metrics to this Weights & Biases project from rank 0 (needs wandb); empty: off
-    tensorboard: bool = False  # also write metrics as TensorBoard events to <out_dir>/tensorboard (needs tensorboard)
-    hellaswag_interval: int = 0  # HellaSwag accuracy every N steps and at the last step; 0 disables
-    hellaswag_limit: int = 0  # HellaSwag examples per evaluation, the first N; 0 means all 10,042
-    hellaswag_data: str = ""  # a local HellaSwag jsonl; "" means the Hugging Face dataset Rowan/hellaswag
-    hellaswag_style: str = "completion"  # completion (build-nanogpt, llm.c) or harness (lm-evaluation-harness)
-    parallel: str = "ddp"  # over ranks: ddp (whole model per rank, fastest) or fsdp (sharded: for what ddp can't fit)
-    activation_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
+    max_steps: int = option(19073, "~10B tokens at 2**19 tokens/step", "[1, inf)")
+    out_dir: str = option("runs/gpt2-124M", "metrics.jsonl and checkpoints go here")
+    device: str = option("auto", "auto picks cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")
+    dtype: str = option("auto", "autocast dtype: auto (bfloat16 where supported), bfloat16 or float32",
+                        choices=DTYPES)
+    compile: str = option("auto", "torch.compile: auto (on for CUDA), true or false", choices=COMPILE_SETTINGS)
+    seed: int = option(1337, "seeds the initial weights, dropout and sampling", "[0, inf)")
+    log_interval: int = option(1, "print a training step every N steps when not on a terminal (all go to "
+                                  "metrics.jsonl)", "[1, inf)")
+    eval_interval: int = option(250, "validation loss every N steps and at the last step; 0 disables", "[0, inf)")
+    val_steps: int = option(20, "validation batches per evaluation on each rank", "[1, inf)")
+    sample_interval: int = option(250, "print text samples every N steps; 0 disables", "[0, inf)")
+    sample_tokens: int = option(32, "tokens generated per sample", "[1, inf)")
+    sample_prompt: str = option("Hello, I'm a language model,", "the text every sample continues")
+    checkpoint_interval: int = option(1000, "save every N steps (0: only the final step, which is always saved)",
+                                      "[0, inf)")
+    keep_checkpoints: int = option(3, "delete older checkpoints beyond the newest N; 0 keeps them all", "[0, inf)")
+    peak_tflops: float = option(0.0, "per-device peak for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)",
+                                "[0, inf)")
+    health_interval: int = option(0, "record update/data ratios, gradients, activations to health.jsonl every N "
+                                     "steps; 0: off", "[0, inf)")
+    resume: str = option("auto", "auto: continue from out_dir's newest checkpoint if any; none: start fresh; or a "
+                                 "checkpoint path")
+    skip_nonfinite: int = option(0, "steps with a non-finite loss or gradient norm to skip (unapplied) before "
+                                    "stopping", "[0, inf)")
+    wandb_project: str = option("", "log metrics to this Weights & Biases project from rank 0 (needs wandb); "
+                                    "empty: off")
+    tensorboard: bool = option(False, "also write metrics as TensorBoard events to <out_dir>/tensorboard (needs "
+                                      "tensorboard)")
+    hellaswag_interval: int = option(0, "HellaSwag accuracy every N steps and at the last step; 0 disables",
+                                     "[0, inf)")
+    hellaswag_limit: int = option(0, "HellaSwag examples per evaluation, the first N; 0 means all 10,042", "[0, inf)")
+    hellaswag_data: str = option("", "a local HellaSwag jsonl; \"\" means the Hugging Face dataset Rowan/hellaswag")
+    hellaswag_style: str = option("completion", "completion (build-nanogpt, llm.c) or harness "
+                                                "(lm-evaluation-harness)", choices=HELLASWAG_STYLES)
+    parallel: str = option("ddp", "over ranks: ddp (whole model per rank, fastest) or fsdp (sharded: for what ddp "
+                                  "can't fit)", choices=PARALLEL_MODES)
+    activation_checkpointing: bool = option(False, "recompute each block in backward: far less memory, ~1/3 more "
+                                                   "compute")
+    loss_chunk: int = option(1024, "training: head + cross-entropy this many tokens at a time, never all logits; "
+                                   "0: plain", "[0, inf)")
+    recompute_gelu: bool = option(True, "eager training: recompute each MLP's GELU in backward instead of keeping "
+                                        "its output")
 
 
 @dataclass
@@ -79,52 +101,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# Keys whose value must be one of a few words.
-CHOICES = {
-    "train.dtype": ("auto", "bfloat16", "float32"),
-    "train.compile": ("auto", "true", "false"),
-    "train.hellaswag_style": ("completion", "harness"),
-    "train.parallel": ("ddp", "fsdp"),
-}
-
-
-# The valid values of every numeric key, in interval notation ("[" includes the end, "(" excludes it);
-# validate() checks each at startup. A numeric key added to a section needs its range here (a test checks).
-RANGES = {
-    "model.block_size": "[1, inf)",
-    "model.vocab_size": "[50257, inf)",  # GPT-2's tokenizer has 50257 tokens
-    "model.n_layer": "[1, inf)",
-    "model.n_head": "[1, inf)",
-    "model.n_embd": "[1, inf)",
-    "model.dropout": "[0, 1)",
-    "data.seq_len": "[1, inf)",
-    "data.micro_batch_size": "[1, inf)",
-    "data.total_batch_tokens": "[1, inf)",
-    "data.seed": "[0, inf)",
-    "optim.lr": "(0, inf)",
-    "optim.min_lr": "[0, inf)",
-    "optim.warmup_steps": "[0, inf)",
-    "optim.weight_decay": "[0, inf)",
-    "optim.beta1": "[0, 1)",
-    "optim.beta2": "[0, 1)",
-    "optim.eps": "(0, inf)",
-    "optim.grad_clip": "[0, inf)",  # a negative max norm would flip the gradient and train uphill
-    "train.max_steps": "[1, inf)",
-    "train.seed": "[0, inf)",
-    "train.log_interval": "[1, inf)",
-    "train.eval_interval": "[0, inf)",
-    "train.val_steps": "[1, inf)",
-    "train.sample_interval": "[0, inf)",
-    "train.sample_tokens": "[1, inf)",
-    "train.checkpoint_interval": "[0, inf)",
-    "train.keep_checkpoints": "[0, inf)",
-    "train.peak_tflops": "[0, inf)",
-    "train.health_interval": "[0, inf)",
-    "train.skip_nonfinite": "[0, inf)",
-    "train.hellaswag_interval": "[0, inf)",
-    "train.hellaswag_limit": "[0, inf)",
-    "model.loss_chunk": "[0, inf)",
-}
+class ConfigError(UserError):
+    """A config file, key or value that cannot be used; the message names it and says what is valid."""
 
 
 def in_range(value: float, interval: str) -> bool:
@@ -136,26 +114,19 @@ def in_range(value: float, interval: str) -> bool:
     return math.isfinite(value) and above_low and below_high
 
 
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used; the message names it and says what is valid."""
-
-
-class HelpRequested(Exception):
-    """--help was given: the exception's text is the help; the program prints it and exits 0."""
-
-
 def _sections(cfg: Config) -> dict[str, object]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
-def _field_types(section: object) -> dict[str, type]:
+def declarations(section: object) -> dict[str, tuple[type, dict]]:
+    """Each key of a section: its type and its declaration (help, valid, choices; model.option)."""
     hints = typing.get_type_hints(type(section))
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+    return {f.name: (hints[f.name], f.metadata) for f in dataclasses.fields(section)}
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
     cfg = cfg or Config()
-    return [f"{name}.{key}" for name, section in _sections(cfg).items() for key in _field_types(section)]
+    return [f"{name}.{key}" for name, section in _sections(cfg).items() for key in declarations(section)]
 
 
 def _check_type(key: str, value, expected: type):
@@ -187,13 +158,11 @@ def _parse_cli_value(key: str, text: str, expected: type):
 def _set(cfg: Config, key: str, value, from_cli: bool) -> None:
     section_name, _, name = key.partition(".")
     section = _sections(cfg).get(section_name)
-    types = _field_types(section) if section is not None else {}
-    if name not in types:
+    keys = declarations(section) if section is not None else {}
+    if name not in keys:
         raise ConfigError(f"unknown config key '{key}'. Valid keys: {', '.join(valid_keys(cfg))}")
-    expected = types[name]
+    expected, _ = keys[name]
     value = _parse_cli_value(key, value, expected) if from_cli else _check_type(key, value, expected)
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
     setattr(section, name, value)
 
 
@@ -222,12 +191,15 @@ def load_toml(cfg: Config, path: str | Path) -> None:
                 raise ConfigError(f"{path}: {e}") from None
 
 
-def _check_ranges(cfg: Config) -> None:
-    for key, interval in RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if not in_range(value, interval):
-            raise ConfigError(f"{key} = {value!r} is out of range: expected a value in {interval}")
+def _check_declared(cfg: Config) -> None:
+    """Every key's value against its declaration: one of its choices, inside its interval."""
+    for section_name, section in _sections(cfg).items():
+        for name, (_, declared) in declarations(section).items():
+            key, value = f"{section_name}.{name}", getattr(section, name)
+            if declared.get("choices") and value not in declared["choices"]:
+                raise ConfigError(f"{key}: expected one of {', '.join(declared['choices'])}, got {value!r}")
+            if declared.get("valid") and not in_range(value, declared["valid"]):
+                raise ConfigError(f"{key} = {value!r} is out of range: expected a value in {declared['valid']}")
 
 
 def _check_out_dir(out_dir: str) -> None:
@@ -239,8 +211,9 @@ def _check_out_dir(out_dir: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Each numeric key's range, then checks between keys that do not depend on the number of devices."""
-    _check_ranges(cfg)
+    """Each key against its declaration, then the rules between keys that do not depend on the number of devices
+    (grad_accum_steps checks the one that does)."""
+    _check_declared(cfg)
     if cfg.data.seq_len > cfg.model.block_size:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({cfg.model.block_size})")
     if cfg.model.n_embd % cfg.model.n_head:
@@ -274,30 +247,17 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
     return cfg.data.total_batch_tokens // per_micro_step
 
 
-_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
-
-
-def field_help(section_type: type) -> dict[str, str]:
-    """Each field's help line: the comment written beside it in the dataclass, so the two cannot drift apart."""
-    found = {}
-    for line in inspect.getsource(section_type).splitlines():
-        if match := _FIELD_COMMENT.match(line):
-            found[match[1]] = match[2].strip()
-    return found
-
-
 def help_text(cfg: Config, prog: str = "train_gpt2.py") -> str:
     lines = [f"usage: {prog} [--config FILE.toml] [--section.key=value ...]", "",
              "Keys, with their defaults (after --config, if one was given):"]
     for section_name, section in _sections(cfg).items():
         lines.append(f"  [{section_name}]")
-        helps = field_help(type(section))
-        for name, typ in _field_types(section).items():
-            key = f"{section_name}.{name}"
-            choices = f", one of {', '.join(CHOICES[key])}" if key in CHOICES else ""
-            valid_range = f" in {RANGES[key]}" if key in RANGES else ""
-            lines.append(f"    --{key}={getattr(section, name)!r}  ({typ.__name__}{valid_range}{choices})")
-            lines.append(f"        {helps.get(name, '')}")
+        for name, (typ, declared) in declarations(section).items():
+            choices = f", one of {', '.join(declared['choices'])}" if declared.get("choices") else ""
+            valid_range = f" in {declared['valid']}" if declared.get("valid") else ""
+            default = getattr(section, name)
+            lines.append(f"    --{section_name}.{name}={default!r}  ({typ.__name__}{valid_range}{choices})")
+            lines.append(f"        {declared.get('help', '')}")
     return "\n".join(lines)
 
 

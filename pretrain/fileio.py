@@ -1,10 +1,13 @@
 """Files written whole: atomic writes (a file appears complete under its final name or not at all), and JSON-lines
-records read back with a last line cut short by a killed writer left out."""
+records: appended a whole line at a time, read back with a last line cut short by a killed writer left out."""
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
+
+from pretrain.errors import UserError
 
 
 @contextlib.contextmanager
@@ -37,7 +40,43 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-class RecordsError(ValueError):
+def json_safe(value):
+    """value with every non-finite float replaced by None, through lists and dicts: JSON has no NaN or infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
+
+def jsonl_line(record: dict) -> str:
+    """One record as a line of strict JSON (a diverged run's NaNs are written as null)."""
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
+class JsonlWriter:
+    """Appends records to a JSON-lines file, one whole line each and line-buffered: a crash loses at most the line
+    being written, which read_jsonl then leaves out."""
+
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", buffering=1, encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(jsonl_line(record))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Replace a JSON-lines file with these records, atomically."""
+    atomic_write_text(path, "".join(jsonl_line(record) for record in records))
+
+
+class RecordsError(UserError):
     """A JSON-lines file that is missing or holds a line that is not JSON; the message names the file and line."""
 
 

@@ -25,7 +25,6 @@ SDPA does not return attention weights, so each layer's are recomputed from its 
 """
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT
-from pretrain.fileio import read_jsonl
+from pretrain.fileio import JsonlWriter
 
 # Update-to-data ratio bounds for warnings. Adam's normalised steps put a healthy GPT at 1e-2..1e-1 while the
 # learning rate peaks (the demo config: blocks 2-3e-2, the token embedding 7e-2), so the high bound is 1e-1: a layer
@@ -56,17 +55,6 @@ def layer_of(name: str) -> str:
 def _finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity; an undefined figure is written as null."""
     return value if math.isfinite(value) else None
-
-
-def _json_safe(value):
-    """value with every non-finite float replaced by None, through lists and dicts."""
-    if isinstance(value, float):
-        return _finite_or_none(value)
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
 
 
 def _ratio(update: float, norm: float) -> float | None:
@@ -225,6 +213,7 @@ class HealthMonitor:
         self.autocast = autocast
         self.log = log
         self.streaks: dict[str, tuple[str, int]] = {}  # layer -> ("above" or "below", consecutive recordings)
+        self.writer: JsonlWriter | None = None  # opened at the first record: a run without health writes no file
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and step % self.interval == 0
@@ -284,14 +273,10 @@ class HealthMonitor:
         return warnings
 
     def write(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:  # a whole line per record: a crash loses at most the current one
-            f.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")  # a diverged model's NaNs too
+        if self.writer is None:
+            self.writer = JsonlWriter(self.path)
+        self.writer.write(record)  # a diverged model's NaNs as nulls
 
-
-def read_records(path: str | Path) -> list[dict]:
-    """The records of a health.jsonl (a run folder is accepted too), in order."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "health.jsonl"
-    return read_jsonl(path)  # a last line cut short by a crash is left out
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -12,25 +12,13 @@ matplotlib is imported only here, and only when a figure is drawn.
 import math
 from pathlib import Path
 
-from pretrain.fileio import atomic_path
-from pretrain.health import HIGH_RATIO, LOW_RATIO, read_records
+from pretrain.fileio import RecordsError, read_jsonl
+from pretrain.health import HIGH_RATIO, LOW_RATIO
+from pretrain.plots import matplotlib, new_figure, save_figure
+from pretrain.run_dir import RunDir
 
 HEALTHY_RATIO = 1e-3  # the classic rule of thumb for an update-to-data ratio
 DEPTH_PROFILES = 4  # how many recordings the by-depth panels show (first, last and evenly between)
-
-
-class MissingMatplotlib(ImportError):
-    pass
-
-
-def _matplotlib():
-    """matplotlib's Figure and MaxNLocator, or one line saying how to get them."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise MissingMatplotlib("plotting needs matplotlib: pip install matplotlib") from None
-    return Figure, MaxNLocator
 
 
 def _log10(value: float | None) -> float:
@@ -54,9 +42,9 @@ def _plot_per_layer(ax, records: list[dict], value) -> None:
 def draw_health(records: list[dict]):
     """The health figure of `records` (health.jsonl's, in order) as a matplotlib Figure with 2 x 3 panels."""
     if not records:
-        raise ValueError("no health records to plot: was train.health_interval set?")
-    Figure, MaxNLocator = _matplotlib()
-    fig = Figure(figsize=(16, 9), layout="constrained")
+        raise RecordsError("no health records to plot: was train.health_interval set?")
+    fig = new_figure(figsize=(16, 9), layout="constrained")
+    MaxNLocator = matplotlib().ticker.MaxNLocator
     axes = fig.subplots(2, 3)
 
     ax = axes[0, 0]
@@ -119,19 +107,9 @@ def draw_health(records: list[dict]):
     return fig
 
 
-def health_figure(records: list[dict], out_path: str | Path) -> Path:
-    """Draw the health figure of `records` to out_path (.png, .pdf or .svg), atomically."""
-    fig = draw_health(records)
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format=out_path.suffix.lstrip(".") or "png", dpi=100)
-    return out_path
-
-
 def plot_health(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
-    """health_figure of a run folder's health.jsonl, to out_path (default: RUN_DIR/health.png)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "health.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: train with --train.health_interval=N to record it")
-    return health_figure(read_records(path), out_path or run_dir / "health.png")
+    """Draw the health figure of a run folder's health.jsonl to out_path (default: RUN_DIR/health.png)."""
+    run = RunDir(run_dir)
+    if not run.health.is_file():
+        raise RecordsError(f"{run.health} does not exist: train with --train.health_interval=N to record it")
+    return save_figure(draw_health(read_jsonl(run.health)), out_path or run.path / "health.png")

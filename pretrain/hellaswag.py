@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain import tokenizer
+from pretrain.errors import UserError
 from pretrain.sources import _network_errors
 
 DATASET = "Rowan/hellaswag"
@@ -24,7 +25,7 @@ TEXT_FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label")
 NUM_ENDINGS = 4
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(UserError):
     """A HellaSwag file or row that cannot be used; the message names it and says what was expected."""
 
 

@@ -14,6 +14,7 @@ import torch
 
 from model import CONV1D_WEIGHTS, GPT
 from pretrain import tokenizer
+from pretrain.errors import missing_package
 from pretrain.fileio import atomic_path, atomic_write_text
 
 
@@ -100,8 +101,7 @@ def export(model: GPT, out_dir: str | Path) -> Path:
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ImportError("exporting to Hugging Face format needs the `safetensors` package: "
-                          "pip install safetensors") from None
+        raise missing_package("exporting to Hugging Face format", "safetensors") from None
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(hf_state_dict(model), tmp, metadata={"format": "pt"})

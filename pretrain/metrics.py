@@ -1,12 +1,12 @@
 """Throughput, model FLOPs utilisation and the metrics log (one JSON object per line, fanned out to the sinks)."""
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from model import GPT
+from pretrain.fileio import JsonlWriter
 from pretrain.progress import Progress
 from pretrain.runtime import measure_matmul_tflops
 
@@ -64,10 +64,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.progress = progress
         self.sinks = list(sinks) if enabled else []
-        self.file = None
-        if enabled and path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", buffering=1)  # line-buffered: a crash loses at most the current line
+        self.file = JsonlWriter(path) if enabled and path is not None else None
 
     def log(self, record: dict, line: str | None = None) -> None:
         if not self.enabled:
@@ -75,7 +72,7 @@ class MetricsLogger:
         if line is not None:
             self.write(line)
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(record)
         for sink in self.sinks:
             sink.log(record)
 

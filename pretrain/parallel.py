@@ -19,6 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from model import GPT
 from pretrain.runtime import Runtime
 
+MODES = ("ddp", "fsdp")
+
 
 def set_activation_checkpointing(model: GPT, enabled: bool) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them: a block then keeps only

@@ -2,31 +2,21 @@
 
 Panels: loss (train and validation) against step and against tokens seen, HellaSwag acc_norm (with OpenAI GPT-2
 124M's score when a run has that shape), learning rate, gradient norm and tokens/s. Each run keeps one colour in
-every panel. matplotlib is imported only here and only when a figure is made: training never needs it;
-nor does plotting need torch.
+every panel. matplotlib is imported only here (pyplot() and save_figure serve health_plots too) and only when a
+figure is made: training never needs it.
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.fileio import atomic_path, read_jsonl
+from pretrain.errors import missing_package
+from pretrain.fileio import RecordsError, atomic_path, read_jsonl
+from pretrain.run_dir import RunDir
 
 # HellaSwag acc_norm of OpenAI's GPT-2 124M, completion style (build-nanogpt / llm.c), the line to beat.
 GPT2_124M_HELLASWAG = 0.2955
 GPT2_124M_SHAPE = {"n_layer": 12, "n_head": 12, "n_embd": 768}
-
-
-class MetricsError(ValueError):
-    """A metrics file that is missing or not JSON lines; the message names the file and line."""
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl, in order (a last line cut short is skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetricsError(f"{path} does not exist (a run folder holds metrics.jsonl once training has started)")
-    return read_jsonl(path)
 
 
 PANELS = ("loss", "loss against tokens seen", "HellaSwag acc_norm", "learning rate", "gradient norm", "tokens/s")
@@ -53,27 +43,32 @@ class Run:
         return [step for step, _ in found], [value for _, value in found]
 
 
-def read_run(run_dir: str | Path, name: str | None = None) -> Run:
-    run_dir = Path(run_dir)
-    config_path = run_dir / "train_config.json"
-    config = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise MetricsError(f"{config_path} is not valid JSON: {e}") from None
-    return Run(name or run_dir.name, read_metrics(run_dir / "metrics.jsonl"), config)
+def read_run(path: str | Path, name: str | None = None) -> Run:
+    """A run folder's metrics records (a last line cut short is skipped) and config."""
+    run = RunDir(path)
+    if not run.metrics.is_file():
+        raise RecordsError(f"{run.metrics} does not exist (a run folder holds it once training has started)")
+    try:
+        config = run.read_config()
+    except json.JSONDecodeError as e:
+        raise RecordsError(f"{run} holds a train_config.json that is not valid JSON: {e}") from None
+    return Run(name or run.path.name, read_jsonl(run.metrics), config)
 
 
-def pyplot():
-    """matplotlib's pyplot, drawing to files only (no display needed)."""
+def matplotlib():
+    """matplotlib with its figure and ticker modules, imported on first use, or one line saying how to get it."""
     try:
         import matplotlib
+        import matplotlib.figure
+        import matplotlib.ticker
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+        raise missing_package("plotting", "matplotlib") from None
+    return matplotlib
+
+
+def new_figure(**kwargs):
+    """A matplotlib Figure that draws to files only: no pyplot, so no GUI backend and no global state."""
+    return matplotlib().figure.Figure(**kwargs)
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -110,15 +105,15 @@ def _plot_loss(ax, run: Run, color, tokens_per_step: int | None) -> None:
 
 def build_figure(runs: list[Run]):
     """The figure (matplotlib Figure) with one axes per entry of PANELS, titled so."""
-    plt = pyplot()
-    fig, grid = plt.subplots(2, 3, figsize=(16, 8.5), layout="constrained")
+    fig = new_figure(figsize=(16, 8.5), layout="constrained")
+    grid = fig.subplots(2, 3)
     axes = dict(zip(PANELS, grid.flat))
     for ax, title in zip(grid.flat, PANELS):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes["loss against tokens seen"].set_xlabel("tokens seen")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib().rcParams["axes.prop_cycle"].by_key()["color"]
 
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
@@ -147,7 +142,9 @@ def build_figure(runs: list[Run]):
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Write the figure as a PNG; the file appears complete or not at all."""
+    """Write the figure (as .png, .pdf or .svg by the name; PNG without a suffix); the file appears complete or
+    not at all."""
+    path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100)
+    return path

@@ -1,7 +1,7 @@
 """The runtime choices every program makes: device, dtype, autocast, torch.compile and seeding.
 
-train_gpt2.py, hellaswag.py, sample.py and bench.py all call `resolve` (and so agree on what "auto" means)
-instead of each repeating the device/dtype boilerplate.
+`resolve` turns the user's settings ("auto" or explicit) into this machine's choices, so every program agrees on
+what "auto" means and none repeats the device/dtype boilerplate.
 """
 
 import contextlib
@@ -12,10 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pretrain.errors import UserError
+
 DEVICES = ("cpu", "cuda", "mps")
+DTYPES = ("auto", "bfloat16", "float32")  # the autocast dtype; float32 means no autocast
+COMPILE_SETTINGS = ("auto", "true", "false")
 
 
-class RuntimeChoiceError(ValueError):
+class RuntimeChoiceError(UserError):
     """A device, dtype or compile setting this machine cannot honour; the message says which and why."""
 
 
@@ -75,9 +79,7 @@ def cpu_prefers_bfloat16() -> bool:
 def pick_dtype(name: str, device: torch.device, decide=lambda flag: flag) -> torch.dtype:
     """The autocast dtype. auto: bfloat16 on CUDA GPUs that have it, and on CPUs where it is measured faster than
     float32 (CPUs without bf16 instructions run it ~100x slower); float32 elsewhere. `decide` lets ranks agree on
-    a choice that comes from a local measurement (distributed.master_decides)."""
-    if name not in ("auto", "bfloat16", "float32"):
-        raise RuntimeChoiceError(f"dtype {name!r}: expected auto, bfloat16 or float32")
+    a choice that comes from a local measurement (distributed.master_decides). name is one of DTYPES."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
@@ -88,11 +90,10 @@ def pick_dtype(name: str, device: torch.device, decide=lambda flag: flag) -> tor
 
 
 def pick_compile(setting: str | bool, device: torch.device) -> bool:
-    """auto: compile on CUDA, where it pays; on CPU compiling takes a minute and, at small widths, gains little."""
+    """auto: compile on CUDA, where it pays; on CPU compiling takes a minute and, at small widths, gains little.
+    setting is one of COMPILE_SETTINGS, or a bool."""
     if isinstance(setting, bool):
         return setting
-    if setting not in ("auto", "true", "false"):
-        raise RuntimeChoiceError(f"compile {setting!r}: expected auto, true or false")
     return device.type == "cuda" if setting == "auto" else setting == "true"
 
 

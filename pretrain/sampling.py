@@ -7,6 +7,7 @@ import torch
 
 from model import GPT
 from pretrain import tokenizer
+from pretrain.errors import UserError
 
 
 @torch.no_grad()
@@ -21,7 +22,7 @@ def generate_text(model: GPT, prompt: str, num_samples: int = 1, max_new_tokens:
     draws from the same generator, so the text is exactly what one call for all tokens would produce."""
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise ValueError("the prompt is empty: give at least one character of text to continue")
+        raise UserError("the prompt is empty: give at least one character of text to continue")
     was_training = model.training
     model.eval()
     try:

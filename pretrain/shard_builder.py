@@ -55,11 +55,11 @@ def local_val_tokens(paths: tuple[Path, ...] | list[Path]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Progress, manifest and the shard writer
+# Build progress, manifest and the shard writer
 
 
 @dataclass
-class Progress:
+class BuildProgress:
     """How far a build got: everything needed to continue it exactly, written atomically after each shard."""
 
     config: dict
@@ -126,7 +126,7 @@ def _checked_manifest(output_dir: Path, config: dict) -> dict:
     return manifest
 
 
-def _load_progress(output_dir: Path, config: dict, prefix: str) -> Progress:
+def _load_progress(output_dir: Path, config: dict, prefix: str) -> BuildProgress:
     """The saved progress of an interrupted build with this config, or a fresh start."""
     path = output_dir / PROGRESS
     if not path.exists():
@@ -134,8 +134,8 @@ def _load_progress(output_dir: Path, config: dict, prefix: str) -> Progress:
         if ours:
             raise CorpusError(f"{output_dir} holds shards ({ours[0]}, ...) but no {PROGRESS} or {MANIFEST} to say "
                               "how they were made; choose another --output or delete them")
-        return Progress(config=config)
-    state = Progress(**json.loads(path.read_text()))
+        return BuildProgress(config=config)
+    state = BuildProgress(**json.loads(path.read_text()))
     # Resuming checks the input by content (_skip_written), so it adopts the input files' current sizes and times.
     state.config = {**state.config, INPUT_STAT: config[INPUT_STAT]}
     _check_same_config(state.config, config, output_dir)
@@ -163,7 +163,7 @@ def is_complete(output_dir: str | Path) -> bool:
     return True
 
 
-def _manifest(state: Progress) -> dict:
+def _manifest(state: BuildProgress) -> dict:
     splits = {}
     for split in ("val", "train"):
         shards = [s for s in state.shards if s["split"] == split]
@@ -189,7 +189,7 @@ class _Chunk:
 class _ShardWriter:
     """Cuts the token stream into val shards (the first val_tokens tokens), then train shards, saving progress."""
 
-    def __init__(self, output_dir: Path, prefix: str, shard_size: int, val_tokens: int, state: Progress):
+    def __init__(self, output_dir: Path, prefix: str, shard_size: int, val_tokens: int, state: BuildProgress):
         self.output_dir, self.prefix, self.state = output_dir, prefix, state
         self.shard_size, self.val_tokens = shard_size, val_tokens
         self.buffer = np.empty(shard_size, dtype=np.uint16)
@@ -233,7 +233,7 @@ class _ShardWriter:
         state.save(self.output_dir)
 
 
-def _skip_written(docs: Iterator[str], state: Progress) -> Iterator[str]:
+def _skip_written(docs: Iterator[str], state: BuildProgress) -> Iterator[str]:
     """The documents from docs_done on, skipping the written ones untokenized and checking the input is the same."""
     if not state.shards:
         return docs

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.errors import UserError
 from pretrain.fileio import atomic_path
 
 SHARD_MAGIC = 20240520
@@ -16,7 +17,7 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard file that is missing, truncated or not in a format we read."""
 
 
@@ -72,10 +73,10 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     """The shards of one split ("train" or "val") in a directory, sorted by name: *_{split}_*.bin or .npy."""
     data_dir = Path(data_dir)
     if data_dir.is_file():
-        raise FileNotFoundError(f"data directory {data_dir} is a file; expected the directory of the shards")
+        raise ShardError(f"data directory {data_dir} is a file; expected the directory of the shards")
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist")
+        raise ShardError(f"data directory {data_dir} does not exist")
     shards = sorted(p for p in data_dir.iterdir() if is_shard_name(p.name, split))
     if not shards:
-        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin or .npy) in {data_dir}")
+        raise ShardError(f"no {split} shards (*_{split}_*.bin or .npy) in {data_dir}")
     return shards

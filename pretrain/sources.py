@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from pretrain.errors import UserError
+
 INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 # Parts of the stdlib tree that are tests, third-party packages or written per machine at build time.
 DEMO_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
-class CorpusError(Exception):
+class CorpusError(UserError):
     """A problem with the input, the arguments or the output directory; the message says what and where."""
 
 

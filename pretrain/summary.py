@@ -99,11 +99,10 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def report(run_summary: RunSummary, out_dir: str | Path, final_checkpoint: str | Path | None,
-           tokens_seen: int) -> dict:
-    """Print the summary and write it to out_dir/summary.json (atomically); returns it."""
+def report(run_summary: RunSummary, path: str | Path, final_checkpoint: str | Path | None, tokens_seen: int) -> dict:
+    """Print the summary and write it to path (the run folder's summary.json, atomically); returns it."""
     summary = run_summary.result(final_checkpoint, tokens_seen)
     for line in summary_lines(summary):
         print(line, flush=True)
-    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     return summary

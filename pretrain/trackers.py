@@ -8,7 +8,9 @@ under its key, at the record's step.
 
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, to_dict
+from pretrain.config import Config, to_dict
+from pretrain.errors import missing_package
+from pretrain.run_dir import RunDir
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -18,12 +20,14 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 class TensorBoardTracker:
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, resumed_step: int | None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+            raise missing_package("train.tensorboard", "tensorboard") from None
+        # purge_step: TensorBoard drops the events of steps from here on that an earlier attempt of the run wrote,
+        # as run_dir truncates metrics.jsonl, so every step appears once
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_step)
 
     def log(self, record: dict) -> None:
         for key, value in scalars(record).items():
@@ -38,9 +42,10 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise ConfigError("train.wandb_project needs the wandb package: pip install wandb") from None
+            raise missing_package("train.wandb_project", "wandb") from None
         # The run folder's name names the W&B run; without network, WANDB_MODE=offline keeps it on disk for
-        # `wandb sync` later.
+        # `wandb sync` later. Each start (a resume too) is a W&B run of its own, from the step it starts at, so no
+        # W&B run holds a step twice.
         self.run = wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config)
 
     def log(self, record: dict) -> None:
@@ -50,13 +55,14 @@ class WandbTracker:
         self.run.finish()
 
 
-def open_trackers(cfg: Config, out_dir: str | Path, enabled: bool = True) -> list:
-    """The trackers cfg asks for (none on ranks other than 0)."""
+def open_trackers(cfg: Config, run: RunDir, resumed_step: int | None = None, enabled: bool = True) -> list:
+    """The trackers cfg asks for (none on ranks other than 0). resumed_step: the step a resumed run continues
+    from (None for a fresh start)."""
     if not enabled:
         return []
     found = []
     if cfg.train.tensorboard:
-        found.append(TensorBoardTracker(Path(out_dir) / "tensorboard"))
+        found.append(TensorBoardTracker(run.tensorboard, resumed_step))
     if cfg.train.wandb_project:
-        found.append(WandbTracker(cfg.train.wandb_project, out_dir, to_dict(cfg)))
+        found.append(WandbTracker(cfg.train.wandb_project, run.path, to_dict(cfg)))
     return found

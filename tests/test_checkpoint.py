@@ -15,15 +15,14 @@ from pretrain.checkpoint import (
     find_latest,
     load_checkpoint,
     load_model,
-    prune_checkpoints,
     restore_training_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from pretrain.config import Config, to_dict
+from pretrain.config import Config, OptimConfig, to_dict
 from pretrain.loader import ShardLoader
-from pretrain.resume import plan_resume
+from pretrain.optim import build_optimizer
 
 
 def tiny_state(step: int = 7) -> dict:
@@ -49,10 +48,6 @@ def test_find_latest_takes_the_highest_step_and_ignores_temporary_files(tmp_path
         save_checkpoint(checkpoint_path(tmp_path, step), tiny_state(step))
     (tmp_path / ".ckpt_000099.pt.tmp.123").write_bytes(b"partial")
     assert find_latest(tmp_path).name == "ckpt_000012.pt"
-    prune_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_000009.pt", "ckpt_000012.pt"]
-    prune_checkpoints(tmp_path, keep=0)  # 0 keeps everything
-    assert len(list(tmp_path.glob("ckpt_*"))) == 2
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -88,91 +83,10 @@ def test_failed_save_leaves_the_previous_file(tmp_path):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt_000001.pt"]
 
 
-# -- resume plans, RNG states, pruning (unit level; end-to-end runs are in test_resume.py) ------------------------
-
 MODEL = to_dict(Config(model=GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))["model"]
 
 
-def resumable_state(step: int) -> dict:
-    """tiny_state with the entries a resume needs (their contents do not matter to the plan)."""
-    return {**tiny_state(step), "optimizer": {}, "tokens_seen": 0, "train_loader": {}, "rng": [], "world_size": 1}
-
-
-def test_auto_resumes_from_the_newest_and_none_refuses_a_used_folder(tmp_path):
-    assert plan_resume(tmp_path, "auto", MODEL).path is None  # nothing there: a fresh start
-    for step in (4, 8):
-        save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
-    assert plan_resume(tmp_path, "auto", MODEL).path == tmp_path / "ckpt_000008.pt"
-    with pytest.raises(CheckpointError, match=f"train.out_dir {tmp_path} already holds another run") as refused:
-        plan_resume(tmp_path, "none", MODEL)
-    assert "--train.resume=auto" in str(refused.value)
-    assert "another --train.out_dir" in str(refused.value)
-
-
-def test_metrics_without_a_checkpoint_are_not_overwritten_by_a_fresh_start(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 10.9}\n')
-    with pytest.raises(CheckpointError, match="found no checkpoint, and train.out_dir .* holds another run"):
-        plan_resume(tmp_path, "auto", MODEL)
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "loss": 10.9}\n'
-
-
-def test_corrupt_newest_falls_back_to_the_previous_and_is_kept_aside(tmp_path):
-    for step in (4, 8):
-        save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
-    newest = checkpoint_path(tmp_path, 8)
-    newest.write_bytes(newest.read_bytes()[:1000])
-    plan = plan_resume(tmp_path, "auto", MODEL)
-    assert plan.path == tmp_path / "ckpt_000004.pt"
-    assert "ckpt_000008.pt is truncated or corrupt" in plan.notes[0]
-    assert "fell back to the previous checkpoint" in plan.notes[0]
-    assert (tmp_path / "ckpt_000008.pt.corrupt").is_file()
-    assert find_latest(tmp_path) == tmp_path / "ckpt_000004.pt"
-
-
-def test_a_different_model_shape_is_named(tmp_path):
-    save_checkpoint(checkpoint_path(tmp_path, 4), resumable_state(4))
-    wider = {**MODEL, "n_embd": 32, "dropout": 0.1}  # dropout is not the model's shape: only n_embd is named
-    with pytest.raises(CheckpointError, match=r"the model differs \(model.n_embd 16 -> 32\);"):
-        plan_resume(tmp_path, "auto", wider)
-
-
-def test_resuming_an_older_step_into_a_folder_with_newer_checkpoints_is_refused(tmp_path):
-    for step in (4, 8):
-        save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
-    with pytest.raises(CheckpointError, match=r"holds later checkpoints \(ckpt_000008.pt\)"):
-        plan_resume(tmp_path, str(checkpoint_path(tmp_path, 4)), MODEL)
-    other = tmp_path / "branch"
-    assert plan_resume(other, str(checkpoint_path(tmp_path, 4)), MODEL).path == checkpoint_path(tmp_path, 4)
-    other.mkdir()
-    (other / "metrics.jsonl").write_text('{"step": 0, "loss": 10.9}\n')
-    with pytest.raises(CheckpointError, match="another folder"):
-        plan_resume(other, str(checkpoint_path(tmp_path, 4)), MODEL)
-
-
-def test_resume_keeps_the_metrics_before_the_resumed_step_only(tmp_path):
-    save_checkpoint(checkpoint_path(tmp_path, 2), resumable_state(2))
-    records = ['{"step": 0, "val_loss": 11.0}', '{"step": 0, "loss": 10.9}', '{"step": 1, "loss": 10.5}',
-               '{"step": 2, "val_loss": 10.1}', '{"step": 2, "loss": 10.0}', '{"step": 3, "lo']  # cut by a kill
-    (tmp_path / "metrics.jsonl").write_text("\n".join(records))
-    plan_resume(tmp_path, "auto", MODEL)
-    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == records[:3]
-
-
-def test_stray_temp_files_are_removed_and_finished_checkpoints_kept(tmp_path):
-    save_checkpoint(checkpoint_path(tmp_path, 4), resumable_state(4))
-    (tmp_path / ".ckpt_000008.pt.tmp.777").write_bytes(b"partial")
-    (tmp_path / ".notes.txt.tmp.1").write_text("not a checkpoint's")
-    plan = plan_resume(tmp_path, "auto", MODEL)
-    assert plan.notes == ["removed .ckpt_000008.pt.tmp.777, left by a save that was killed"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.tmp.1", "ckpt_000004.pt"]
-
-
-def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
-    for step in (90, 100, 20):  # 90 and 100 are another lineage's higher steps
-        save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
-    prune_checkpoints(tmp_path, keep=1, newest_step=20)
-    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_000020.pt", "ckpt_000090.pt", "ckpt_000100.pt"]
-
+# -- RNG states and restoring a training state ------------------------------------------------------------
 
 def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     random.seed(1)
@@ -193,7 +107,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
 
 def test_restoring_a_loader_of_other_data_names_what_changed(tmp_path, tiny_shards):
     model = GPT(GPTConfig(**MODEL))
-    optimizer = model.configure_optimizers(0.1, 1e-3)
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1, lr=1e-3), "cpu")
     loader = ShardLoader(tiny_shards, "train", batch_size=2, seq_len=8, seed=1)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "train_loader": loader.state_dict(),
              "rng": [rng_state(torch.device("cpu"))]}
@@ -205,22 +119,15 @@ def test_restoring_a_loader_of_other_data_names_what_changed(tmp_path, tiny_shar
 
 def test_restored_optimizer_takes_this_runs_hyperparameters(tiny_shards):
     model = GPT(GPTConfig(**MODEL))
-    old = model.configure_optimizers(0.1, 1e-3, betas=(0.9, 0.95))
+    old = build_optimizer(model, OptimConfig(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.95), "cpu")
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     old.step()
     loader = ShardLoader(tiny_shards, "train", batch_size=2, seq_len=8)
     state = {"model": model.state_dict(), "optimizer": old.state_dict(), "train_loader": loader.state_dict(),
              "rng": [rng_state(torch.device("cpu"))]}
-    new = model.configure_optimizers(0.0, 1e-3, betas=(0.8, 0.99))
+    new = build_optimizer(model, OptimConfig(weight_decay=0.0, lr=1e-3, beta1=0.8, beta2=0.99), "cpu")
     restore_training_state(state, Path("ckpt.pt"), model, new, loader, 0, torch.device("cpu"))
     assert new.param_groups[0]["weight_decay"] == 0.0
     assert new.param_groups[0]["betas"] == (0.8, 0.99)
     first = next(iter(new.state.values()))
     assert torch.equal(first["exp_avg"], next(iter(old.state.values()))["exp_avg"])
-
-
-def test_a_checkpoint_without_the_resume_entries_is_refused_by_name(tmp_path):
-    save_checkpoint(checkpoint_path(tmp_path, 4), tiny_state(4))  # model, step and config only
-    with pytest.raises(CheckpointError, match="ckpt_000004.pt cannot be resumed: it lacks optimizer, tokens_seen, "
-                                              "train_loader, rng, world_size"):
-        plan_resume(tmp_path, "auto", MODEL)

@@ -3,8 +3,8 @@
 import pytest
 from conftest import ROOT, run_script
 
-from pretrain.config import Config, ConfigError, grad_accum_steps, load_config, valid_keys
-from pretrain.schedule import lr_at
+from pretrain.config import Config, ConfigError, OptimConfig, grad_accum_steps, load_config, valid_keys
+from pretrain.optim import lr_at
 
 
 def write(tmp_path, text: str) -> str:
@@ -96,7 +96,8 @@ def test_help_lists_every_key_with_its_default():
 
 
 def test_lr_schedule():
-    kw = dict(lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)
+    optim = OptimConfig(lr=6e-4, min_lr=6e-5, warmup_steps=10)
+    kw = dict(optim=optim, max_steps=110)
     assert lr_at(0, **kw) == pytest.approx(6e-5)  # warmup starts at lr / warmup_steps
     assert lr_at(4, **kw) == pytest.approx(3e-4)
     assert lr_at(9, **kw) == pytest.approx(6e-4)  # warmup ends at the peak

@@ -391,7 +391,7 @@ def test_loader_memory_maps_instead_of_copying(tmp_path: Path) -> None:
 
 def test_too_little_data_is_an_error(tmp_path: Path) -> None:
     make_split(tmp_path, [10, 6])  # 16 tokens; a 2 x 8 batch needs 17
-    with pytest.raises(ValueError, match="16 tokens, fewer than one batch"):
+    with pytest.raises(ShardError, match="16 tokens, fewer than one batch"):
         ShardLoader(tmp_path, "train", 2, 8)
     ShardLoader(tmp_path, "train", 3, 5)  # 16 tokens are enough for 3 x 5 + 1
 
@@ -400,7 +400,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
     make_split(tmp_path, [100])
     with pytest.raises(ValueError, match="rank 2"):
         ShardLoader(tmp_path, "train", 2, 8, rank=2, world_size=2)
-    with pytest.raises(FileNotFoundError, match="no val shards"):
+    with pytest.raises(ShardError, match="no val shards"):
         ShardLoader(tmp_path, "val", 2, 8)
 
 

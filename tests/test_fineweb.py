@@ -222,7 +222,7 @@ def test_crash_between_shard_and_progress_resumes_byte_identical(inputs, cli_run
     _, args = inputs
     source = LocalFiles(tuple(resolve_inputs(args)))
     # Saves: the start, then shards 1-4; the 5th shard is written, then the crash comes before it is recorded.
-    monkeypatch.setattr(shard_builder.Progress, "save", _fail_after(5, shard_builder.Progress.save))
+    monkeypatch.setattr(shard_builder.BuildProgress, "save", _fail_after(5, shard_builder.BuildProgress.save))
     with pytest.raises(KeyboardInterrupt):
         build_corpus(source, tmp_path, prefix="demo", shard_size=SHARD, val_tokens=VAL, workers=2, chunk_chars=3000,
                      show_progress=False)
@@ -246,7 +246,7 @@ def test_crash_between_shard_and_progress_resumes_byte_identical(inputs, cli_run
 def test_resume_refuses_changed_input(tmp_path, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(40)))
-    monkeypatch.setattr(shard_builder.Progress, "save", _fail_after(3, shard_builder.Progress.save))
+    monkeypatch.setattr(shard_builder.BuildProgress, "save", _fail_after(3, shard_builder.BuildProgress.save))
     with pytest.raises(KeyboardInterrupt):
         build_corpus(LocalFiles((src,)), tmp_path / "out", prefix="x", shard_size=500, val_tokens=0,
                      show_progress=False, workers=1)
@@ -276,7 +276,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(CorpusError, match=r"bad\.jsonl, line 3: not valid JSON.*one JSON object per line"):
         list(LocalFiles((bad,)))
     proc = run_cli("--input", bad, "--output", tmp_path / "out", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (f"error: {bad}, line 3: not valid JSON (Expecting value at column "
                                                     "10); expected one JSON object per line")
 

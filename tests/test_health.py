@@ -11,13 +11,17 @@ import pytest
 import torch
 from conftest import run_script, torchrun, train_args
 
-import train_gpt2
 from model import GPT, GPTConfig
 from pretrain import health, runtime
-from pretrain.config import Config, ConfigError, load_config
-from pretrain.health import HealthMonitor, UpdateProbe, read_records
-from pretrain.health_plots import MissingMatplotlib, draw_health, health_figure
+from pretrain.config import Config, ConfigError, OptimConfig, load_config
+from pretrain.errors import MissingPackage
+from pretrain.fileio import read_jsonl
+from pretrain.health import HealthMonitor, UpdateProbe
+from pretrain.health_plots import draw_health
 from pretrain.loader import ShardLoader
+from pretrain.optim import build_optimizer
+from pretrain.plots import save_figure
+from pretrain.trainer import train_step
 
 CPU = runtime.Runtime(torch.device("cpu"), torch.float32, compile=False)
 SMALL = GPTConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
@@ -48,7 +52,7 @@ def all_hooks(model: torch.nn.Module) -> list:
 
 def recorded_step(model, optimizer, data, monitor, step=0, lr=1e-2, grad_clip=1.0) -> float:
     with monitor.recording(step, data) as probe:
-        loss, _ = train_gpt2.train_step(model, optimizer, data, 1, lr, grad_clip, CPU, probe)
+        loss, _ = train_step(model, optimizer, data, 1, lr, grad_clip, CPU, probe)
     return loss
 
 
@@ -56,12 +60,12 @@ def test_update_to_data_ratio_is_one_adamw_step_done_by_hand(tiny_shards, tmp_pa
     lr, weight_decay, eps, grad_clip = 1e-2, 0.1, 1e-8, 0.5
     model = small_model()
     reference = copy.deepcopy(model)
-    optimizer = model.configure_optimizers(weight_decay, lr, (0.9, 0.95), eps)
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=weight_decay, lr=lr, eps=eps), "cpu")
     data = loader(tiny_shards)
     monitor = HealthMonitor(model, tmp_path / "health.jsonl", interval=1, grad_clip=grad_clip)
     x, y = loader(tiny_shards).next_batch()
     recorded_step(model, optimizer, data, monitor, lr=lr, grad_clip=grad_clip)
-    record = read_records(tmp_path)[0]
+    record = read_jsonl(tmp_path / "health.jsonl")[0]
 
     _, loss = reference(x, y)
     loss.backward()
@@ -98,10 +102,10 @@ def test_update_to_data_ratio_is_one_adamw_step_done_by_hand(tiny_shards, tmp_pa
 
 def test_clipping_is_reported_inactive_when_the_norm_is_below_the_limit(tiny_shards, tmp_path):
     model = small_model()
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8)
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1, lr=1e-3, eps=1e-8), "cpu")
     monitor = HealthMonitor(model, tmp_path / "health.jsonl", interval=1, grad_clip=1e3)
     recorded_step(model, optimizer, loader(tiny_shards), monitor, grad_clip=1e3)
-    assert read_records(tmp_path)[0]["clipped"] is False
+    assert read_jsonl(tmp_path / "health.jsonl")[0]["clipped"] is False
 
 
 def test_recording_leaves_no_trace(tiny_shards, tmp_path):
@@ -109,7 +113,7 @@ def test_recording_leaves_no_trace(tiny_shards, tmp_path):
     runs = {}
     for interval in (0, 1):
         model = small_model()
-        optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 1e-8)
+        optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1, lr=1e-2, eps=1e-8), "cpu")
         data = loader(tiny_shards)
         monitor = HealthMonitor(model, tmp_path / f"health{interval}.jsonl", interval=interval, grad_clip=1.0)
         hooks_before = all_hooks(model)
@@ -121,7 +125,7 @@ def test_recording_leaves_no_trace(tiny_shards, tmp_path):
     assert position_on == position_off
     for name in state_off:
         assert torch.equal(state_on[name], state_off[name]), name
-    assert [r["step"] for r in read_records(tmp_path / "health1.jsonl")] == [0, 1, 2]
+    assert [r["step"] for r in read_jsonl(tmp_path / "health1.jsonl")] == [0, 1, 2]
     assert not (tmp_path / "health0.jsonl").exists()
 
 
@@ -181,7 +185,7 @@ def test_non_finite_gradient_warns_at_once_naming_the_layer(tiny_shards, tmp_pat
         model.transformer.h[1].mlp.c_fc.weight.grad[0, 0] = float("inf")
         probe.before_update()
     assert warnings == ["warning: non-finite gradient norm at step 0 in h.1"]
-    record = read_records(tmp_path)[0]
+    record = read_jsonl(tmp_path / "health.jsonl")[0]
     assert record["layers"]["h.1"]["grad_norm"] is None
     assert record["layers"]["h.0"]["grad_norm"] > 0
 
@@ -189,7 +193,7 @@ def test_non_finite_gradient_warns_at_once_naming_the_layer(tiny_shards, tmp_pat
 def test_a_diverged_model_is_recorded_with_nulls(tmp_path):
     monitor = HealthMonitor(small_model(), tmp_path / "health.jsonl", interval=1, grad_clip=1.0)
     monitor.write({"step": 3, "activations": {"block_std": [1.5, math.nan]}, "attention_entropy": [[math.inf]]})
-    record = read_records(tmp_path)[0]
+    record = read_jsonl(tmp_path / "health.jsonl")[0]
     assert record["activations"]["block_std"] == [1.5, None]
     assert record["attention_entropy"] == [[None]]
 
@@ -246,12 +250,12 @@ def test_attention_probabilities_reproduce_sdpa_and_entropy_bounds(tiny_shards):
 
 def health_run(tiny_shards, out, *extra, launcher=()) -> tuple[str, list[dict]]:
     result = run_script(*launcher, *train_args(tiny_shards, out, "--train.eval_interval=0", *extra))
-    return result.stdout, read_records(out)
+    return result.stdout, read_jsonl(out / "health.jsonl")
 
 
 def test_an_absurd_learning_rate_is_warned_about_by_layer(tiny_shards, tmp_path):
     model = small_model()
-    optimizer = model.configure_optimizers(0.1, 0.3, (0.9, 0.95), 1e-8)
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1, lr=0.3, eps=1e-8), "cpu")
     data = loader(tiny_shards)
     logged = []
     monitor = HealthMonitor(model, tmp_path / "health.jsonl", interval=1, grad_clip=1.0, log=logged.append)
@@ -259,7 +263,7 @@ def test_an_absurd_learning_rate_is_warned_about_by_layer(tiny_shards, tmp_path)
         recorded_step(model, optimizer, data, monitor, step=step, lr=0.3)
     assert "warning: h.0: update-to-data ratio above 1e-01 for 3 recordings in a row" in "\n".join(logged)
     assert any(line.startswith("warning: h.1: update-to-data ratio above 1e-01") for line in logged)
-    records = read_records(tmp_path)
+    records = read_jsonl(tmp_path / "health.jsonl")
     assert [len(r["warnings"]) for r in records[:2]] == [0, 0]
     assert any(w.startswith("h.0: update-to-data ratio above") for w in records[2]["warnings"])
 
@@ -336,7 +340,7 @@ def test_figure_plots_the_records(demo_settings_run, tmp_path):
     assert list(h0.get_ydata()) == pytest.approx(expected)
     healthy = next(line for line in ratio_panel.lines if line.get_label() == "1e-3")
     assert list(healthy.get_ydata()) == [-3, -3]
-    path = health_figure(records, tmp_path / "health.png")
+    path = save_figure(draw_health(records), tmp_path / "health.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 20_000
 
@@ -344,8 +348,8 @@ def test_figure_plots_the_records(demo_settings_run, tmp_path):
 def test_figure_without_matplotlib_says_how_to_get_it(demo_settings_run, monkeypatch, tmp_path):
     _, _, records = demo_settings_run
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an absent package looks like to import
-    with pytest.raises(MissingMatplotlib, match="plotting needs matplotlib: pip install matplotlib"):
-        health_figure(records, tmp_path / "health.png")
+    with pytest.raises(MissingPackage, match="plotting needs the matplotlib package: pip install matplotlib"):
+        save_figure(draw_health(records), tmp_path / "health.png")
     assert not (tmp_path / "health.png").exists()
 
 

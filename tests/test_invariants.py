@@ -14,8 +14,10 @@ from torch._dynamo.utils import counters
 
 from model import GPT, GPTConfig
 from pretrain import runtime, tokenizer
+from pretrain.config import OptimConfig
 from pretrain.loader import ShardLoader
-from train_gpt2 import evaluate, train_step
+from pretrain.optim import build_optimizer
+from pretrain.trainer import evaluate, train_step
 
 # Big enough a vocabulary for the tiny_shards tokens; small everywhere else.
 SMALL = GPTConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
@@ -36,7 +38,7 @@ def test_accumulated_steps_equal_one_big_batch(tiny_shards):
     torch.manual_seed(0)
     accumulating = GPT(SMALL)
     big_batch = copy.deepcopy(accumulating)
-    optimizers = [m.configure_optimizers(0.1, 1e-3) for m in (accumulating, big_batch)]
+    optimizers = [build_optimizer(m, OptimConfig(weight_decay=0.1, lr=1e-3), "cpu") for m in (accumulating, big_batch)]
     loaders = [train_loader(tiny_shards, 2), train_loader(tiny_shards, 4)]
     for _ in range(3):
         loss_a, norm_a = train_step(accumulating, optimizers[0], loaders[0], 2, 1e-3, 1.0, FP32_CPU)
@@ -90,7 +92,7 @@ def test_compiled_model_trains_evaluates_and_samples_like_eager():
     eager = GPT(config)
     plain = copy.deepcopy(eager)
     compiled = torch.compile(plain, backend=COMPILE_BACKEND)
-    optimizers = [eager.configure_optimizers(0.1, 1e-2), plain.configure_optimizers(0.1, 1e-2)]
+    optimizers = [build_optimizer(m, OptimConfig(weight_decay=0.1, lr=1e-2), "cpu") for m in (eager, plain)]
     torch._dynamo.reset()
     counters.clear()
     for _ in range(2):

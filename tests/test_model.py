@@ -8,6 +8,8 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, GPTConfig
+from pretrain.config import OptimConfig
+from pretrain.optim import build_optimizer
 
 TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
 
@@ -102,7 +104,7 @@ def test_gpt2_124M_has_124M_parameters():
 
 def test_weight_decay_only_on_matrices():
     model = GPT(TINY)
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1, lr=1e-3), "cpu")
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])

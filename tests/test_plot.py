@@ -7,6 +7,7 @@ import pytest
 from conftest import run_script
 
 from pretrain import plots
+from pretrain.fileio import RecordsError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -102,11 +103,11 @@ def test_a_run_killed_mid_line_still_plots_and_a_broken_line_is_named(tmp_path):
     metrics.write_text(metrics.read_text() + '{"step": 10, "lo')
     assert len(plots.read_run(tmp_path / "run").records) == len(records)
     metrics.write_text('{"step": 0}\nnot json\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
+    with pytest.raises(RecordsError, match=r"metrics.jsonl, line 2: not a JSON record"):
         plots.read_run(tmp_path / "run")
 
 
 def test_missing_matplotlib_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ImportError, match=r"^plotting needs matplotlib: pip install matplotlib$"):
+    with pytest.raises(ImportError, match=r"^plotting needs the matplotlib package: pip install matplotlib$"):
         plots.build_figure([])

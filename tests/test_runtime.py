@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pretrain import runtime
+from pretrain.config import ConfigError, load_config
 from pretrain.runtime import RuntimeChoiceError
 
 
@@ -26,8 +27,8 @@ def test_explicit_dtypes_are_kept_and_unknown_ones_refused():
     cpu = torch.device("cpu")
     assert runtime.pick_dtype("float32", cpu) == torch.float32
     assert runtime.pick_dtype("bfloat16", cpu) == torch.bfloat16
-    with pytest.raises(RuntimeChoiceError, match="fp8"):
-        runtime.pick_dtype("fp8", cpu)
+    with pytest.raises(ConfigError, match="train.dtype: expected one of auto, bfloat16, float32, got 'fp8'"):
+        load_config(["--train.dtype=fp8"])
 
 
 def test_auto_dtype_on_cpu_follows_the_measurement_and_the_ranks_agreement(monkeypatch):
@@ -45,8 +46,8 @@ def test_compile_auto_is_off_on_cpu_and_explicit_settings_win():
     assert runtime.pick_compile("auto", cpu) is False
     assert runtime.pick_compile("true", cpu) is True
     assert runtime.pick_compile(False, cpu) is False
-    with pytest.raises(RuntimeChoiceError, match="maybe"):
-        runtime.pick_compile("maybe", cpu)
+    with pytest.raises(ConfigError, match="train.compile: expected one of auto, true, false, got 'maybe'"):
+        load_config(["--train.compile=maybe"])
 
 
 def test_autocast_is_a_no_op_in_float32_and_casts_matmuls_in_bfloat16():

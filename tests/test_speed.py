@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from model import GPT, MLP, ChunkedHeadLoss, GPTConfig
 from pretrain import parallel, runtime
 from pretrain.checkpoint import load_checkpoint
+from pretrain.config import OptimConfig
+from pretrain.optim import build_optimizer
 
 TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
 
@@ -53,13 +55,14 @@ def test_chunked_head_ignores_only_the_ignored_targets():
 
 def test_model_with_chunked_head_trains_like_the_plain_head():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**TINY.__dict__, "loss_chunk": 24}))
+    model = GPT(TINY)
+    model.set_training_memory(loss_chunk=24)
     idx = torch.randint(0, TINY.vocab_size, (3, 20))
     targets = torch.randint(0, TINY.vocab_size, (3, 20))
     logits, chunked = model(idx, targets)
     assert logits is None  # never materialised
     chunked_grads = gradients(chunked, *model.parameters())
-    model.config.loss_chunk = 0
+    model.set_training_memory(loss_chunk=0)
     logits, plain = model(idx, targets)
     assert logits.shape == (3, 20, TINY.vocab_size)
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
@@ -103,7 +106,8 @@ def test_mlp_recomputing_its_gelu_gives_the_plain_paths_output_and_gradients(bia
 def test_mlp_keeps_its_input_and_the_gelus_input_but_not_the_gelus_output(recompute_gelu):
     """What a training step holds from forward to backward: the MLP's input (n_embd per token) and c_fc's output
     (4 n_embd per token), and GELU's output (another 4 n_embd) only when told to keep it."""
-    mlp = MLP(GPTConfig(**{**TINY.__dict__, "recompute_gelu": recompute_gelu}))
+    mlp = MLP(TINY)
+    mlp.recompute_gelu = recompute_gelu
     x = torch.randn(2, 16, TINY.n_embd, requires_grad=True)
     parameters = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
     saved = {}
@@ -174,7 +178,7 @@ def test_checkpoint_of_a_compiled_ddp_model_has_the_plain_models_keys(free_port)
         assert parallel.unwrap(wrapped) is model
         assert parallel.is_compiled(wrapped)
         assert not parallel.is_compiled(DDP(model))
-        model_state, optimizer_state = parallel.full_state_dicts(wrapped, model.configure_optimizers(0.1, 1e-3))
+        model_state, optimizer_state = parallel.full_state_dicts(wrapped, build_optimizer(model, OptimConfig(), "cpu"))
         assert list(model_state) == list(GPT(TINY).state_dict())
         assert len(optimizer_state["param_groups"]) == 2
     finally:
@@ -184,7 +188,7 @@ def test_checkpoint_of_a_compiled_ddp_model_has_the_plain_models_keys(free_port)
 def tiny_run_args(data_dir, out_dir, *extra: str) -> list:
     return ["train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}", "--data.demo=false",
             f"--train.out_dir={out_dir}", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64",
-            "--model.block_size=32", "--model.loss_chunk=48", "--data.seq_len=32", "--data.micro_batch_size=4",
+            "--model.block_size=32", "--train.loss_chunk=48", "--data.seq_len=32", "--data.micro_batch_size=4",
             "--data.total_batch_tokens=512", "--train.dtype=float32", "--train.compile=false",
             "--train.eval_interval=2", "--train.val_steps=2", "--optim.warmup_steps=2", "--train.max_steps=3",
             "--train.sample_interval=2", "--train.sample_tokens=2", *extra]
@@ -248,7 +252,7 @@ def test_bench_reports_each_variant_against_the_anchor(tiny_shards, tmp_path):
     report = tmp_path / "bench.json"
     run_script("bench.py", "--config", "configs/demo.toml", f"--data.dir={tiny_shards}", "--data.demo=false",
                "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
-               "--model.loss_chunk=32", "--data.seq_len=32", "--data.micro_batch_size=4", "--train.dtype=float32",
+               "--train.loss_chunk=32", "--data.seq_len=32", "--data.micro_batch_size=4", "--train.dtype=float32",
                "--train.compile=false", "--bench.variants=anchor,default,other_head", "--bench.rounds=2",
                "--bench.steps=1", "--bench.warmup=0", f"--bench.json={report}", timeout=120)
     results = json.loads(report.read_text())

@@ -13,7 +13,8 @@ import sys
 import pytest
 from conftest import read_metrics, run_script
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config
+from pretrain.errors import MissingPackage
 from pretrain.progress import Progress, step_line
 from pretrain.summary import RunSummary
 from pretrain.trackers import TensorBoardTracker, WandbTracker
@@ -178,9 +179,9 @@ def test_wandb_offline_run_holds_the_metrics_records(watched_run):
 def test_missing_tracker_packages_say_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ConfigError, match=r"^train.wandb_project needs the wandb package: pip install wandb$"):
+    with pytest.raises(MissingPackage, match=r"^train.wandb_project needs the wandb package: pip install wandb$"):
         WandbTracker("p", tmp_path, {})
-    with pytest.raises(ConfigError, match=r"^train.tensorboard needs the tensorboard package: pip install"):
-        TensorBoardTracker(tmp_path)
+    with pytest.raises(MissingPackage, match=r"^train.tensorboard needs the tensorboard package: pip install"):
+        TensorBoardTracker(tmp_path, resumed_step=None)
     assert Config().train.wandb_project == ""  # both off unless asked for
     assert Config().train.tensorboard is False

@@ -1,0 +1,51 @@
+"""Errors a user can fix, and the one way every program reports them: `error: ...` on stderr and exit status 2.
+
+Library code raises a subclass of UserError whose message names the culprit (a key, a file and line, a setting)
+and what was expected or how to go on. A program's entry point is `errors.run(main)`, which turns such an error
+into that one line. Anything else is a bug in this code and keeps its traceback.
+"""
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Something the user can fix: a config key, a file, a setting, a missing download. The message says which."""
+
+
+class MissingPackage(UserError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to pip install."""
+
+
+class HelpRequested(Exception):
+    """--help was given: the exception's text is the help; the program prints it and exits 0."""
+
+
+def missing_package(feature: str, package: str) -> MissingPackage:
+    return MissingPackage(f"{feature} needs the {package} package: pip install {package}")
+
+
+def is_reporting_rank() -> bool:
+    """Under torchrun every rank parses the same arguments and reaches the same startup errors: rank 0 alone
+    reports those, so a job prints one line, not one per rank."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def report(error: UserError) -> None:
+    if is_reporting_rank() or not getattr(error, "every_rank", True):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+
+
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    """Call main(argv) (default: the command line) and exit: 0, or main's status; 2 with one line for a
+    UserError; 0 after printing the help for --help."""
+    try:
+        status = main(sys.argv[1:] if argv is None else argv)
+    except HelpRequested as help_text:
+        print(help_text)
+        status = 0
+    except UserError as e:
+        report(e)
+        status = 2
+    sys.exit(status or 0)

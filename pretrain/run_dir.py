@@ -1,0 +1,249 @@
+"""The run folder (train.out_dir): the names of its files, which checkpoint a run continues from, and keeping the
+folder to one run.
+
+    metrics.jsonl       every step's record, validation losses, HellaSwag (metrics.MetricsLogger)
+    health.jsonl        training-health records (health.HealthMonitor)
+    train_config.json   the resolved config
+    summary.json        the end-of-run summary
+    tensorboard/        TensorBoard events (train.tensorboard)
+    ckpt_<step>.pt      checkpoints (pretrain.checkpoint says what one holds)
+
+Where a run starts (train.resume):
+    auto   the folder holds checkpoints: continue from the newest readable one (a corrupt newest is renamed
+           *.corrupt and the previous one used); no checkpoints: start fresh
+    none   start fresh
+    PATH   continue from that checkpoint file (or the newest in that run folder)
+A fresh start into a folder that already holds a run's checkpoints or metrics is refused, so two runs never mix;
+so is resuming from a step older than checkpoints already in the folder (pruning would delete the new ones).
+When resuming, every step-keyed record (metrics.jsonl, health.jsonl; TensorBoard purges its own) keeps only the
+records before the resumed step, so every step appears once. Rank 0 decides (it alone touches files) and loads
+the checkpoint once; the other ranks receive its answer or its error.
+"""
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain import checkpoint, distributed
+from pretrain.checkpoint import CheckpointError
+from pretrain.fileio import atomic_write_text, read_jsonl, write_jsonl
+
+METRICS = "metrics.jsonl"
+HEALTH = "health.jsonl"
+CONFIG = "train_config.json"
+SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
+STEP_RECORDS = (METRICS, HEALTH)  # JSON lines keyed by "step": truncated to the step a run resumes from
+TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\.tmp\.\d+$")  # fileio.atomic_path's temporary name for a checkpoint
+# What a resumed run needs of a checkpoint (checkpoint.save_training_state writes them all).
+RESUME_KEYS = ("model", "optimizer", "step", "tokens_seen", "train_loader", "rng", "config", "world_size")
+# Model settings that change the parameters' shapes or meaning: a checkpoint only resumes with the same ones.
+MODEL_SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+class RunDir:
+    """One run's folder and the paths of what it holds."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def health(self) -> Path:
+        return self.path / HEALTH
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_text(self.path / CONFIG, json.dumps(config, indent=2) + "\n")
+
+    def read_config(self) -> dict:
+        """train_config.json, or {} when the folder has none."""
+        path = self.path / CONFIG
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    def checkpoint_path(self, step: int) -> Path:
+        return checkpoint.checkpoint_path(self.path, step)
+
+    def checkpoints(self) -> list[Path]:
+        return checkpoint.list_checkpoints(self.path)
+
+    def newest_checkpoint(self) -> Path | None:
+        return checkpoint.find_latest(self.path)
+
+    def prune_checkpoints(self, keep: int, newest_step: int | None = None) -> None:
+        """Delete all but the newest `keep` checkpoints (keep 0: delete none). With newest_step, only checkpoints up
+        to that step count, so a file with a higher step can never push out the one just saved."""
+        if keep <= 0:
+            return
+        found = self.checkpoints()
+        if newest_step is not None:
+            found = [p for p in found if checkpoint.checkpoint_step(p) <= newest_step]
+        for path in found[:-keep]:
+            path.unlink()
+
+    def remove_stray_temp_files(self) -> list[Path]:
+        """Delete the temporary files a killed save left behind (never a finished checkpoint). Returns them."""
+        stray = [p for p in self.path.iterdir() if TEMP_RE.match(p.name)] if self.path.is_dir() else []
+        for path in stray:
+            path.unlink(missing_ok=True)
+        return stray
+
+    # -- records ---------------------------------------------------------------------------------------------------
+
+    def holds_a_run(self) -> list[str]:
+        """The names of what shows another run has used this folder: checkpoints, a non-empty metrics.jsonl."""
+        taken = [p.name for p in self.checkpoints()]
+        if self.metrics.is_file() and self.metrics.stat().st_size > 0:
+            taken.append(METRICS)
+        return taken
+
+    def truncate_records(self, step: int) -> None:
+        """Keep the records before `step` in every step-keyed file (and drop a line cut short by a crash); the
+        resumed run logs the rest."""
+        for path in (self.path / name for name in STEP_RECORDS):
+            if path.is_file():
+                write_jsonl(path, [record for record in read_jsonl(path) if record.get("step", -1) < step])
+
+
+# ---- where a run starts ------------------------------------------------------------------------------------------
+
+@dataclass
+class Start:
+    """Where a run starts: a checkpoint (its path and, on rank 0, its loaded contents) or a fresh start."""
+    path: Path | None = None  # None: a fresh start
+    notes: list[str] = field(default_factory=list)  # lines for the log (fallbacks, cleanups)
+    state: dict | None = None  # the checkpoint's contents, loaded once by rank 0 (None on the other ranks)
+
+    def load(self) -> dict:
+        """The checkpoint's contents: rank 0's copy, or (other ranks) read from the file now."""
+        return self.state if self.state is not None else checkpoint.load_checkpoint(self.path)
+
+
+def choose_start(run: RunDir, resume: str, model_config: dict) -> Start:
+    """Rank 0 decides where the run starts and tidies the folder; every rank returns the same Start (the
+    checkpoint's contents only on rank 0) or raises the same error (CheckpointError for a refusal)."""
+    decided = None
+    if distributed.is_master():
+        try:
+            decided = _choose(run, resume, model_config)
+        except Exception as e:  # any failure, so that the other ranks raise it too instead of waiting for rank 0
+            decided = e
+    shared = decided if isinstance(decided, Exception) or decided is None else dataclasses.replace(decided, state=None)
+    shared = distributed.from_master(shared)
+    if isinstance(shared, Exception):
+        raise shared
+    return decided if distributed.is_master() else shared
+
+
+def _choose(run: RunDir, resume: str, model_config: dict) -> Start:
+    notes = [f"removed {p.name}, left by a save that was killed" for p in run.remove_stray_temp_files()]
+    if resume == "none":
+        _refuse_if_taken(run, "train.resume=none, but")
+        return Start(None, notes)
+    if resume == "auto" and not run.checkpoints():
+        _refuse_if_taken(run, "train.resume=auto found no checkpoint, and")
+        return Start(None, notes)
+    source = run.path if resume == "auto" else Path(resume)
+    if source.is_dir():
+        path, state = _newest_readable(RunDir(source), notes)
+    else:
+        path, state = source, checkpoint.load_checkpoint(source)  # a clear error now, not on every rank later
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: it lacks {', '.join(missing)} (written before "
+                              "resuming existed?); load_model still reads its weights")
+    differences = model_differences(state["config"], model_config)
+    if differences:
+        raise CheckpointError(f"cannot resume from {path}: the model differs ({', '.join(differences)}); use the "
+                              "checkpoint's model settings, or another --train.out_dir to start afresh")
+    if path.parent.resolve() != run.path.resolve():
+        _refuse_if_taken(run, f"resuming from {path} (another folder), but")
+    _refuse_newer(run, path, state["step"])
+    run.truncate_records(state["step"])
+    return Start(path, notes, state)
+
+
+def _refuse_if_taken(run: RunDir, why: str) -> None:
+    taken = run.holds_a_run()
+    if taken:
+        raise CheckpointError(f"{why} train.out_dir {run} already holds another run ({', '.join(taken[-3:])}): "
+                              "choose another --train.out_dir, or continue that run with --train.resume=auto")
+
+
+def _newest_readable(run: RunDir, notes: list[str]) -> tuple[Path, dict]:
+    """The newest checkpoint that loads, and its contents; unreadable newer ones are renamed *.corrupt (kept, never
+    used again)."""
+    found = run.checkpoints()
+    if not found:
+        raise CheckpointError(f"{run} holds no checkpoint (ckpt_<step>.pt) to resume from")
+    for path in reversed(found):
+        try:
+            return path, checkpoint.load_checkpoint(path)
+        except CheckpointError as e:
+            corrupt = path.with_name(path.name + ".corrupt")
+            path.rename(corrupt)
+            notes.append(f"{e}; renamed it {corrupt.name} and fell back to the previous checkpoint")
+    raise CheckpointError(f"no checkpoint in {run} is readable (all renamed *.corrupt): start afresh in another "
+                          "--train.out_dir")
+
+
+def _refuse_newer(run: RunDir, path: Path, step: int) -> None:
+    newer = [p.name for p in run.checkpoints() if checkpoint.checkpoint_step(p) > step]
+    if newer:
+        raise CheckpointError(f"resuming from {path} (step {step}) into {run}, which holds later checkpoints "
+                              f"({', '.join(newer)}) that pruning would mix with the new ones: resume into another "
+                              "--train.out_dir, or move them away")
+
+
+def model_differences(saved_config: dict, model_config: dict) -> list[str]:
+    """The model settings that differ between a checkpoint's config and this run's model config, as
+    'key saved -> now'."""
+    saved_model = saved_config.get("model", {})
+    return [f"model.{key} {saved_model.get(key)!r} -> {model_config[key]!r}" for key in MODEL_SHAPE_KEYS
+            if saved_model.get(key) != model_config[key]]
+
+
+def changed_settings(saved_config: dict, config: dict) -> list[str]:
+    """Every other setting this run changes relative to the checkpoint (allowed; reported in the log)."""
+    changes = []
+    for section, values in config.items():
+        for key, value in values.items():
+            saved = saved_config.get(section, {}).get(key, value)
+            if saved != value and (section, key) != ("train", "resume"):
+                changes.append(f"{section}.{key} {saved!r} -> {value!r}")
+    return changes
+
+
+def resume(start: Start, config: dict, model, optimizer, train_loader, rank: int, world_size: int,
+           device) -> tuple[int, int, list[str]]:
+    """Load start's checkpoint into the model, optimizer, loader and RNGs. Returns (step, tokens seen, lines for
+    the log)."""
+    state = start.load()
+    checkpoint.restore_training_state(state, start.path, model, optimizer, train_loader, rank, device)
+    step, tokens_seen = state["step"], state["tokens_seen"]
+    lines = [f"resuming from {start.path}: step {step}, {tokens_seen:,} tokens seen"]
+    changes = changed_settings(state["config"], config)
+    if changes:
+        lines.append(f"settings changed since the checkpoint: {', '.join(changes)}")
+    if state["world_size"] != world_size:
+        lines.append(f"world size changed from {state['world_size']} to {world_size}: the data continues at the same "
+                     f"token ({train_loader.position:,}), {config['data']['total_batch_tokens']:,} tokens per step; "
+                     "dropout's random streams are not those of an unchanged run")
+    return step, tokens_seen, lines

@@ -1,0 +1,231 @@
+"""Training, one call per job: the data, the training step, evaluation, and the periodic jobs of the loop.
+
+train_gpt2.py wires these together and runs the loop; bench.py and bench_order.py call the same train_step and
+evaluate, so what they measure is what trains. A periodic job knows when it is due: every `interval` optimizer
+steps and after the last one (never when the interval is 0), and runs on the model after that many steps.
+"""
+
+import math
+import time
+
+import torch
+
+from pretrain import checkpoint, distributed, hellaswag_scoring, parallel, shard_builder
+from pretrain.config import Config
+from pretrain.errors import UserError
+from pretrain.health import UpdateProbe
+from pretrain.hellaswag import HellaSwagData
+from pretrain.loader import ShardLoader
+from pretrain.metrics import MetricsLogger
+from pretrain.optim import set_lr
+from pretrain.run_dir import RunDir
+from pretrain.runtime import Runtime
+from pretrain.sampling import generate_text
+from pretrain.sources import CorpusError
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm stopped being finite more often than train.skip_nonfinite allows."""
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+def prepare_data(cfg: Config, dist_info: distributed.DistInfo) -> None:
+    """Build the demo corpus on first use, so the quickstart needs no download. One process per node builds it;
+    the rest wait, and stop with the builder's error at once if it fails (rather than in a collective's timeout)."""
+    failure = None
+    if cfg.data.demo and dist_info.local_rank == 0:
+        try:
+            if not shard_builder.is_complete(cfg.data.dir):
+                print(f"building the demo corpus in {cfg.data.dir} (once; offline, from Python's own sources)")
+                shard_builder.build_demo_corpus(cfg.data.dir)
+        except Exception as e:
+            failure = e
+    error = distributed.first_error(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise CorpusError(error)
+
+
+def build_loaders(cfg: Config, dist_info: distributed.DistInfo) -> tuple[ShardLoader, ShardLoader | None]:
+    """This rank's training loader (shuffled as data.shuffle says) and validation loader (in file order; None when
+    validation is off)."""
+    shape = dict(batch_size=cfg.data.micro_batch_size, seq_len=cfg.data.seq_len, rank=dist_info.rank,
+                 world_size=dist_info.world_size)
+    train = ShardLoader(cfg.data.dir, "train", shuffle=cfg.data.shuffle, seed=cfg.data.seed, **shape)
+    val = ShardLoader(cfg.data.dir, "val", shuffle=False, **shape) if cfg.train.eval_interval else None
+    return train, val
+
+
+# ---- the step and evaluation -----------------------------------------------------------------------------------
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, accum_steps: int, lr: float,
+               grad_clip: float, rt: Runtime, health: UpdateProbe | None = None) -> tuple[float, float]:
+    """One optimizer step over accum_steps micro-batches from loader.next_batch(). Returns the loss (mean over
+    micro-steps and ranks) and the gradient norm before clipping; when either is not finite the optimizer step is
+    not taken. On health steps `health` sees the gradients before clipping and the parameters before the update."""
+    loss_accum = torch.zeros((), device=rt.device)
+    for micro_step in range(accum_steps):
+        x, y = rt.to_device(*loader.next_batch())
+        # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) only on the last micro-step.
+        with parallel.gradient_sync(model, micro_step == accum_steps - 1), rt.autocast():
+            _, loss = model(x, y)
+        loss = loss / accum_steps  # the gradient of the mean over the whole step, not the sum
+        loss_accum += loss.detach()
+        loss.backward()
+    distributed.all_reduce_mean(loss_accum)
+    if health is not None:
+        health.before_update()
+    grad_norm = parallel.clip_grad_norm(model, grad_clip or float("inf"))
+    # One host sync per step (it waits for the device, so the caller's timing is real), before the update: a
+    # non-finite step is never applied, so the weights (and the next checkpoint) stay those of the last good step.
+    loss_value, norm_value = torch.stack([loss_accum, grad_norm.to(loss_accum.dtype)]).tolist()
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        set_lr(optimizer, lr)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: ShardLoader, steps: int, rt: Runtime) -> float:
+    """Mean loss over the same `steps` validation batches every time, averaged over ranks."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=rt.device)
+    for _ in range(steps):
+        x, y = rt.to_device(*loader.next_batch())
+        with rt.autocast():
+            _, loss = model(x, y)
+        total += loss.detach()
+    model.train()
+    return distributed.all_reduce_mean(total / steps).item()
+
+
+class NonFiniteGuard:
+    """Stops training at a step whose loss or gradient norm is not finite (train_step has not applied it), after
+    letting `allowed` such steps be skipped."""
+
+    def __init__(self, allowed: int, run: RunDir):
+        self.allowed, self.skipped, self.run = allowed, 0, run
+
+    def should_skip(self, step: int, loss: float, grad_norm: float) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return False
+        self.skipped += 1
+        if self.skipped > self.allowed:
+            newest = self.run.newest_checkpoint()
+            kept = f"the newest checkpoint, {newest}, is from before it" if newest else "no checkpoint was saved"
+            raise TrainingDiverged(f"the loss is {loss} and the gradient norm {grad_norm} at step {step}: training "
+                                   f"diverged and this step was not applied; {kept} (lower optim.lr, check the data, "
+                                   f"or allow skipping with train.skip_nonfinite; {self.allowed} allowed now)")
+        return True
+
+
+# ---- periodic jobs ---------------------------------------------------------------------------------------------
+
+class PeriodicJob:
+    """Runs on the model after `step` optimizer steps, every `interval` steps and after the last one."""
+
+    def __init__(self, interval: int, max_steps: int):
+        self.interval, self.max_steps = interval, max_steps
+
+    def due(self, step: int) -> bool:
+        return self.interval > 0 and (step % self.interval == 0 or step == self.max_steps)
+
+    def __call__(self, step: int) -> None:
+        raise NotImplementedError
+
+
+def run_due(jobs: list[PeriodicJob], step: int) -> None:
+    """Run, in order, the jobs due after `step` optimizer steps."""
+    for job in jobs:
+        if job.due(step):
+            job(step)
+
+
+class ValidationLoss(PeriodicJob):
+    def __init__(self, cfg: Config, model: torch.nn.Module, loader: ShardLoader | None, rt: Runtime,
+                 logger: MetricsLogger):
+        super().__init__(cfg.train.eval_interval if loader is not None else 0, cfg.train.max_steps)
+        self.model, self.loader, self.steps, self.rt, self.logger = model, loader, cfg.train.val_steps, rt, logger
+
+    def __call__(self, step: int) -> None:
+        val_loss = evaluate(self.model, self.loader, self.steps, self.rt)
+        self.logger.log({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
+
+
+class HellaSwagAccuracy(PeriodicJob):
+    def __init__(self, cfg: Config, model: torch.nn.Module, data: HellaSwagData | None, rt: Runtime,
+                 logger: MetricsLogger):
+        super().__init__(cfg.train.hellaswag_interval if data is not None else 0, cfg.train.max_steps)
+        self.model, self.data, self.rt, self.logger = model, data, rt, logger
+
+    def __call__(self, step: int) -> None:
+        result = hellaswag_scoring.evaluate(self.model, self.data, self.rt)
+        self.logger.log({"step": step, **result.metrics()}, f"step {step:6d} | {result}")
+
+
+class Samples(PeriodicJob):
+    """Two continuations of train.sample_prompt; not at step 0 (an untrained model's samples are noise)."""
+
+    def __init__(self, cfg: Config, raw_model: torch.nn.Module, rt: Runtime, logger: MetricsLogger, runs_here: bool):
+        super().__init__(cfg.train.sample_interval if runs_here else 0, cfg.train.max_steps)
+        self.raw_model, self.train, self.rt, self.logger = raw_model, cfg.train, rt, logger
+
+    def due(self, step: int) -> bool:
+        return step > 0 and super().due(step)
+
+    def __call__(self, step: int) -> None:
+        texts = generate_text(self.raw_model, self.train.sample_prompt, num_samples=2,
+                              max_new_tokens=self.train.sample_tokens, seed=self.train.seed, device=self.rt.device)
+        for i, text in enumerate(texts):
+            self.logger.write(f"--- sample {i + 1} of {len(texts)}, after {step} steps ---\n{text}")
+
+
+class Checkpoints:
+    """Saves the training state every train.checkpoint_interval steps, after the last step and when a run stops
+    early; keeps the newest train.keep_checkpoints. Every rank calls save (RNG states are gathered, FSDP gathers
+    the shards); rank 0 writes."""
+
+    def __init__(self, cfg: Config, run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 train_loader: ShardLoader, config_dict: dict, rt: Runtime, logger: MetricsLogger):
+        self.interval, self.keep, self.max_steps = (cfg.train.checkpoint_interval, cfg.train.keep_checkpoints,
+                                                    cfg.train.max_steps)
+        self.run, self.model, self.optimizer, self.train_loader = run, model, optimizer, train_loader
+        self.config_dict, self.rt, self.logger = config_dict, rt, logger
+
+    def due(self, steps_done: int) -> bool:
+        return steps_done == self.max_steps or (self.interval > 0 and steps_done % self.interval == 0)
+
+    def save(self, steps_done: int, tokens_seen: int):
+        model_state, optimizer_state = parallel.full_state_dicts(self.model, self.optimizer)
+        path = checkpoint.save_training_state(self.run.checkpoint_path(steps_done), steps_done, tokens_seen,
+                                              model_state, optimizer_state, self.train_loader, self.config_dict,
+                                              self.rt.device)
+        if distributed.is_master():
+            self.run.prune_checkpoints(self.keep, newest_step=steps_done)
+            self.logger.write(f"saved {path}")
+        return path
+
+
+def step_record(step: int, lr: float, loss: float, grad_norm: float, seconds: float, tokens: int,
+                flops_per_token: float, peak_tflops: float | None, world_size: int) -> dict:
+    """A training step's metrics.jsonl record. MFU is per device: the model FLOPs each device did per second
+    against its peak."""
+    tokens_per_s = tokens / seconds
+    mfu = flops_per_token * tokens_per_s / world_size / (peak_tflops * 1e12) if peak_tflops else None
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": seconds * 1000,
+            "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+
+class StepTimer:
+    """Wall time of one training step (train_step's host sync makes it real)."""
+
+    def __enter__(self) -> "StepTimer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
