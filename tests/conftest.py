@@ -1,86 +1,42 @@
-"""Shared test helpers and fixtures: the repository root, running a program with a time limit, reading a run's
-metrics, and small shards of real text. Tests import the helpers with `from conftest import ...`."""
+"""Fixtures, and the rules every test runs under.
 
-import contextlib
-import json
+- Tests that start processes (a program, torchrun, spawned ranks) or compile are marked `slow`; the rest, the
+  quick unit tests, run alone with `python -m pytest -m "not slow"`. A quick test that starts a process fails.
+- Every test runs offline and, in the programs it starts, without a GPU (helpers.QUIET_ENV); tests/test_gpu.py
+  is the exception, and is skipped where there is no CUDA.
+Helpers shared by test modules are in helpers.py.
+"""
+
+import multiprocessing.process
 import os
-import signal
-import socket
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import QUIET_ENV
+from helpers import free_port as _free_port
 
 from pretrain import tokenizer
 from pretrain.shards import write_shard
 
-ROOT = Path(__file__).resolve().parent.parent
-# One thread per process: tests often run several processes on a 2-core machine.
-QUIET_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# No test reaches the network (Hugging Face Hub, W&B), in this process or the ones it starts.
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_SILENT"):
+    os.environ.setdefault(_key, QUIET_ENV[_key])
 
 
-def run_script(*args, timeout: float = 300, check: bool = True, env: dict | None = None,
-               cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run `python ARGS...` (or `python -m torch.distributed.run ...` when args start with "-m") from the repository
-    root and return its output. A run past `timeout` seconds is killed with all its children and fails the test."""
-    cmd = [sys.executable, *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **QUIET_ENV, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} ran past {timeout} s and was killed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    if check:
-        assert result.returncode == 0, f"{cmd} failed:\n{stdout[-5000:]}\n{stderr[-5000:]}"
-    return result
+@pytest.fixture(autouse=True)
+def quick_tests_start_no_process(request, monkeypatch):
+    """A test not marked slow may not start a process: starting one is what makes a test slow."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
 
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """Kill a process started with start_new_session=True and every process it started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def started(*args, log: Path, env: dict | None = None):
-    """Start `python ARGS...` in the background with its output in the file `log` (a file, never a pipe: reading
-    a live child's pipe can block forever); yield the Popen. On leaving, it and its children are killed."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **QUIET_ENV, **(env or {})}, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        kill_group(proc)
-        proc.wait()
-
-
-# A tiny GPT-2 on the tiny_shards fixture: seconds per training run, float32, no compile, no samples.
-TINY_MODEL = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32"]
-
-
-def train_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
-    """train_gpt2.py's arguments for a tiny run on data_dir into out_dir; `extra` overrides or adds keys."""
-    return ["train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}", "--data.demo=false",
-            f"--train.out_dir={out_dir}", *TINY_MODEL, "--data.seq_len=32", "--data.micro_batch_size=4",
-            "--data.total_batch_tokens=256", "--train.dtype=float32", "--train.compile=false",
-            "--train.sample_interval=0", "--optim.warmup_steps=2", "--optim.lr=1e-3", "--optim.min_lr=1e-4", *extra]
-
-
-def torchrun(*args: str) -> list[str]:
-    """run_script's arguments for torchrun (python -m torch.distributed.run) with these arguments."""
-    return ["-m", "torch.distributed.run", *args]
-
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl, in order."""
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +55,4 @@ def tiny_shards(tmp_path_factory) -> Path:
 @pytest.fixture
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on now, for a process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_port()

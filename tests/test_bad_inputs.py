@@ -1,16 +1,12 @@
 """Bad input, as a careless user gives it: every case stops with one line that names the culprit, and none is
 silently turned into a wrong result."""
 
-import datetime
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import run_script
+from helpers import on_gloo_ranks, run_script, tiny_run
 
 import fineweb
 import train_gpt2
@@ -21,9 +17,9 @@ from pretrain.config import Config, ConfigError, declarations, load_config, to_d
 from pretrain.errors import UserError
 from pretrain.shards import write_shard
 
-TINY_RUN = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16", "--model.block_size=16",
-            "--data.seq_len=16", "--data.micro_batch_size=2", "--data.total_batch_tokens=32", "--train.dtype=float32",
-            "--train.compile=false", "--train.max_steps=1", "--train.eval_interval=0", "--train.sample_interval=0"]
+
+def one_step(data_dir, out_dir, *extra: str) -> list[str]:
+    return tiny_run(data_dir, out_dir, "--train.max_steps=1", "--train.eval_interval=0", *extra)
 
 
 @pytest.fixture(autouse=True)
@@ -84,10 +80,10 @@ def test_config_folder_out_dir_file_and_empty_prompt(tmp_path):
 
 def test_unusable_devices_are_user_errors(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="'tpu9' is not a device"):
-        train_gpt2.main([*TINY_RUN, "--train.device=tpu9", f"--train.out_dir={tmp_path}"])
+        train_gpt2.main(one_step(tmp_path, tmp_path, "--train.device=tpu9"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="no CUDA GPU"):
-        train_gpt2.main([*TINY_RUN, "--train.device=cuda", f"--train.out_dir={tmp_path}"])
+        train_gpt2.main(one_step(tmp_path, tmp_path, "--train.device=cuda"))
 
 
 @pytest.mark.parametrize("shards, message", [
@@ -102,20 +98,20 @@ def test_unusable_shards_are_user_errors(tmp_path, shards, message):
         else:
             write_shard(tmp_path / name, np.arange(count))
     with pytest.raises(UserError, match=message):
-        train_gpt2.main([*TINY_RUN, f"--data.dir={tmp_path}", f"--train.out_dir={tmp_path / 'run'}"])
+        train_gpt2.main(one_step(tmp_path, tmp_path / "run"))
 
 
 def test_data_dir_naming_a_file_is_a_user_error(tmp_path):
     a_file = tmp_path / "shards.bin"
     write_shard(a_file, np.arange(100))
     with pytest.raises(UserError, match=r"data directory .*shards.bin is a file"):
-        train_gpt2.main([*TINY_RUN, f"--data.dir={a_file}", f"--train.out_dir={tmp_path / 'run'}"])
+        train_gpt2.main(one_step(a_file, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_line_on_the_command_line(tmp_path):
     (tmp_path / "x_train_000000.npy").write_bytes(b"")
-    result = run_script("train_gpt2.py", *TINY_RUN, f"--data.dir={tmp_path}", f"--train.out_dir={tmp_path / 'run'}",
-                        check=False)
+    result = run_script("train_gpt2.py", *one_step(tmp_path, tmp_path / "run"), check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: shard {tmp_path / 'x_train_000000.npy'} (0 bytes) is not "
                                                   "a readable .npy file: No data left in file"]
@@ -124,33 +120,26 @@ def test_a_user_error_is_one_line_on_the_command_line(tmp_path):
 def test_demo_corpus_is_never_built_beside_other_files(tmp_path):
     write_shard(tmp_path / "mine_train_000000.bin", np.arange(1000))
     with pytest.raises(UserError, match=r"holds files that are not the demo corpus \(mine_train_"):
-        train_gpt2.main([*TINY_RUN, "--data.demo=true", f"--data.dir={tmp_path}",
-                         f"--train.out_dir={tmp_path / 'run'}"])
+        train_gpt2.main(one_step(tmp_path, tmp_path / "run", "--data.demo=true"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine_train_000000.bin"]
 
 
-def _prepare_on_two_ranks(rank: int, port: int, data_dir: str, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A short collective timeout: without the broadcast, rank 1 would wait here rather than fail
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+def _prepare_data(rank: int, data_dir: str) -> str:
+    cfg = load_config(["--data.demo=true", f"--data.dir={data_dir}"])
+    info = distributed.DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
     try:
-        cfg = load_config(["--data.demo=true", f"--data.dir={data_dir}"])
-        info = distributed.DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
-        trainer.prepare_data(cfg, info)
-        results[rank] = "no error"
+        trainer.prepare_data(cfg, info)  # without its broadcast, rank 1 would wait here until the gloo timeout
+        return "no error"
     except Exception as e:
-        results[rank] = f"{type(e).__name__}: {e}"
-    finally:
-        dist.destroy_process_group()
+        return f"{type(e).__name__}: {e}"
 
 
-def test_failed_demo_build_stops_every_rank_with_its_error(tmp_path, free_port):
+@pytest.mark.slow
+def test_failed_demo_build_stops_every_rank_with_its_error(tmp_path):
     (tmp_path / "notes.txt").write_text("not a shard")
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_prepare_on_two_ranks, args=(free_port, str(tmp_path), results), nprocs=2)
-        assert results[0].startswith("CorpusError: ") and "notes.txt" in results[0]
-        assert results[1] == results[0]
+    results = on_gloo_ranks(_prepare_data, str(tmp_path))
+    assert results[0].startswith("CorpusError: ") and "notes.txt" in results[0]
+    assert results[1] == results[0]
 
 
 # ---- loading a model ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Configuration: TOML + overrides into typed dataclasses, helpful errors, shipped configs, the LR schedule."""
 
 import pytest
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
 
 from pretrain.config import Config, ConfigError, OptimConfig, grad_accum_steps, load_config, valid_keys
 from pretrain.optim import lr_at
@@ -85,6 +85,7 @@ def test_124M_config_is_the_reference_recipe():
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay, cfg.optim.grad_clip) == (0.9, 0.95, 0.1, 1.0)
 
 
+@pytest.mark.slow
 def test_help_lists_every_key_with_its_default():
     out = run_script("train_gpt2.py", "--help").stdout
     assert out.startswith("usage: train_gpt2.py")

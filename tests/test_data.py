@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from helpers import run_script, train_args
 
 from pretrain import loader as loader_module
 from pretrain.loader import ShardLoader, document_starts
@@ -431,16 +431,14 @@ def test_the_last_gpt2_id_is_read(tmp_path: Path) -> None:
     assert x[0, 5] == N_VOCAB - 2
 
 
+@pytest.mark.slow
 def test_training_stops_with_one_line_on_a_token_outside_gpt2(tiny_shards: Path, tmp_path: Path) -> None:
     for shard in tiny_shards.iterdir():
         (tmp_path / shard.name).write_bytes(shard.read_bytes())
     plant_token(tmp_path / "tiny_train_000000.bin", 10, 50300)
-    result = run_script("train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={tmp_path}", "--data.demo=false",
-                        f"--train.out_dir={tmp_path / 'run'}", "--model.n_layer=1", "--model.n_head=2",
-                        "--model.n_embd=32", "--model.block_size=32", "--data.seq_len=32",
-                        "--data.micro_batch_size=2", "--data.total_batch_tokens=64", "--data.shuffle=false",
-                        "--train.dtype=float32", "--train.compile=false", "--train.eval_interval=0",
-                        "--train.max_steps=2", check=False, timeout=120)
+    result = run_script(*train_args(tmp_path, tmp_path / "run", "--data.micro_batch_size=2",
+                                    "--data.total_batch_tokens=64", "--data.shuffle=false", "--train.eval_interval=0",
+                                    "--train.max_steps=2"), check=False, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -4,12 +4,14 @@ and our tokenization, and that our own loaders read back. Offline: transformers 
 import pytest
 import torch
 import transformers
-from conftest import run_script
+from helpers import run_script
 
 from model import GPT, GPTConfig
 from pretrain import tokenizer
 from pretrain.checkpoint import load_model, save_checkpoint
 from pretrain.config import Config, to_dict
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 TEXT = "Hello world, this is GPT-2.\n\tdef f(x):  return x ** 2  # naïve café — 東京 🙂 <|endoftext|> 1234567"
 

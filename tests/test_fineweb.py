@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, started
+from helpers import ROOT, started
 
 from pretrain import shard_builder, sources
 from pretrain.loader import ShardLoader
@@ -94,6 +94,7 @@ def cli_run(inputs, tmp_path_factory) -> Path:
 
 # ---- the pipeline -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_shards_hold_every_document_in_order(inputs, cli_run):
     docs, _ = inputs
     tokens = all_tokens(cli_run)
@@ -109,6 +110,7 @@ def test_cli_shards_hold_every_document_in_order(inputs, cli_run):
     assert [p.name for p in list_shards(cli_run, "train")][:2] == ["demo_train_000000.bin", "demo_train_000001.bin"]
 
 
+@pytest.mark.slow
 def test_manifest_matches_the_files(inputs, cli_run):
     docs, _ = inputs
     manifest = json.loads((cli_run / "manifest.json").read_text())
@@ -128,6 +130,7 @@ def test_manifest_matches_the_files(inputs, cli_run):
     assert manifest["shard_size"] == SHARD and manifest["source"]["kind"] == "files"
 
 
+@pytest.mark.slow
 def test_worker_count_does_not_change_the_output(inputs, cli_run, tmp_path):
     _, args = inputs
     source = LocalFiles(tuple(resolve_inputs(args)))
@@ -137,6 +140,7 @@ def test_worker_count_does_not_change_the_output(inputs, cli_run, tmp_path):
     assert output_files(tmp_path / "1") == output_files(tmp_path / "2") == output_files(cli_run)
 
 
+@pytest.mark.slow
 def test_spawned_workers_give_the_same_output(inputs, cli_run, tmp_path):
     _, args = inputs
     argv = ["--input", *args, "--output", str(tmp_path), "--shard-size", str(SHARD), "--val-tokens", str(VAL),
@@ -148,6 +152,7 @@ def test_spawned_workers_give_the_same_output(inputs, cli_run, tmp_path):
     assert output_files(tmp_path) == output_files(cli_run)
 
 
+@pytest.mark.slow
 def test_shard_loader_reads_the_text_back(inputs, cli_run):
     docs, _ = inputs
     B, T = 2, 64
@@ -167,6 +172,7 @@ def test_shard_loader_reads_the_text_back(inputs, cli_run):
 
 # ---- resuming ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_killed_run_resumes_byte_identical(tmp_path):
     """SIGKILL a CLI run mid-stream (its input is a FIFO, so it cannot finish first), then run it again."""
     docs = [p.read_text(encoding="utf-8") for p in sources.stdlib_sources()[:300]]
@@ -218,6 +224,7 @@ def test_killed_run_resumes_byte_identical(tmp_path):
     np.testing.assert_array_equal(all_tokens(out), expected_tokens(docs))
 
 
+@pytest.mark.slow
 def test_crash_between_shard_and_progress_resumes_byte_identical(inputs, cli_run, tmp_path, monkeypatch):
     _, args = inputs
     source = LocalFiles(tuple(resolve_inputs(args)))
@@ -270,6 +277,7 @@ def _fail_after(n: int, save):
 
 # ---- errors -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
@@ -307,6 +315,7 @@ def test_unmatched_glob_and_missing_file_are_named(tmp_path):
         resolve_inputs([str(tmp_path / "*.csv")])
 
 
+@pytest.mark.slow
 def test_offline_hub_is_one_sentence(tmp_path):
     proc = run_cli("--output", tmp_path / "out", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
                    check=False)
@@ -337,7 +346,7 @@ def test_demo_corpus_from_a_few_files(tmp_path, monkeypatch):
     assert not [p for p in everything if {"test", "tests", "site-packages"} & set(p.parts[:-1])
                 or p.name.startswith("_sysconfigdata") or p.parts[0].startswith("config-")]
     files = sources.stdlib_sources()[:12]
-    out = build_demo_corpus(tmp_path / "demo", workers=2, files=files, shard_size=5000, val_tokens=3000,
+    out = build_demo_corpus(tmp_path / "demo", workers=1, files=files, shard_size=5000, val_tokens=3000,
                             show_progress=False)
     assert is_complete(out)
     docs = [p.read_text(encoding="utf-8") for p in files]
@@ -350,6 +359,7 @@ def test_demo_corpus_from_a_few_files(tmp_path, monkeypatch):
     assert not is_complete(out)
 
 
+@pytest.mark.slow
 def test_full_demo_corpus(tmp_path):
     """The real --demo build (about 5 s here): the stdlib sources, a few million tokens."""
     out = build_demo_corpus(tmp_path / "demo", show_progress=False)
@@ -364,6 +374,7 @@ def test_full_demo_corpus(tmp_path):
 
 # ---- interrupting a build never hangs -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_interrupting_a_multi_worker_build_always_finishes(inputs, tmp_path, monkeypatch):
     """An error or Ctrl-C while the workers are busy shuts the pool down promptly, every time, at any point."""
     _, args = inputs
@@ -387,6 +398,7 @@ def test_interrupting_a_multi_worker_build_always_finishes(inputs, tmp_path, mon
         assert time.monotonic() - started < 30, f"attempt {attempt}: the interrupted build took too long to stop"
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_cli_build_exits_promptly(tmp_path):
     """SIGINT to a running 2-worker build, several times: each exits 130 with one line, no traceback."""
     # ~70M tokens of random letters: ~9 s of tokenizing on a quiet machine, so every signal lands mid-build (the

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_script, torchrun, train_args
+from helpers import run_script, torchrun, train_args
 
 from model import GPT, GPTConfig
 from pretrain import health, runtime
@@ -281,6 +281,7 @@ def demo_settings_run(tiny_shards, tmp_path_factory):
     return out, stdout, records
 
 
+@pytest.mark.slow
 def test_demo_settings_record_every_interval_without_warnings(demo_settings_run):
     out, stdout, records = demo_settings_run
     assert "warning" not in stdout
@@ -293,6 +294,7 @@ def test_demo_settings_record_every_interval_without_warnings(demo_settings_run)
     assert len(first["activations"]["residual_norm"]) == 3  # embeddings and two blocks
 
 
+@pytest.mark.slow
 def test_plot_py_draws_a_runs_health(demo_settings_run, tmp_path):
     out, _, _ = demo_settings_run
     png = tmp_path / "health.png"
@@ -312,6 +314,7 @@ def test_plot_py_draws_a_runs_health(demo_settings_run, tmp_path):
     assert (empty.returncode, empty.stderr) == (2, "error: no health records to plot: was train.health_interval set?\n")
 
 
+@pytest.mark.slow
 def test_two_ranks_record_what_one_process_records(tiny_shards, demo_settings_run, tmp_path):
     """Under DDP rank 0 writes the records, from gradients averaged over ranks: the same numbers as one process
     with twice the accumulation (and the same first micro-batch for the activations)."""
@@ -330,6 +333,7 @@ def test_two_ranks_record_what_one_process_records(tiny_shards, demo_settings_ru
             assert heads_a == pytest.approx(heads_b, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_figure_plots_the_records(demo_settings_run, tmp_path):
     _, _, records = demo_settings_run
     fig = draw_health(records)
@@ -345,6 +349,7 @@ def test_figure_plots_the_records(demo_settings_run, tmp_path):
     assert path.stat().st_size > 20_000
 
 
+@pytest.mark.slow
 def test_figure_without_matplotlib_says_how_to_get_it(demo_settings_run, monkeypatch, tmp_path):
     _, _, records = demo_settings_run
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an absent package looks like to import

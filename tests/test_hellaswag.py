@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import read_metrics, run_script, train_args
+from helpers import on_gloo_ranks, read_metrics, run_script, save_model_checkpoint, train_args
 
 from hellaswag import main as hellaswag_main
 from model import GPT, GPTConfig
 from pretrain import distributed, hellaswag, runtime, tokenizer
-from pretrain.checkpoint import load_model, save_checkpoint
+from pretrain.checkpoint import load_model
 from pretrain.hellaswag import HellaSwagError, check_row, harness_preprocess, load, load_rows, render
 from pretrain.hellaswag_scoring import HellaSwagResult, ending_losses, evaluate, pack, predictions
 
@@ -88,11 +86,10 @@ def rows_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def sharp_run(tmp_path_factory) -> Path:
     """A run folder holding the sharp model as this codebase's checkpoint."""
     run = tmp_path_factory.mktemp("run")
-    state = {"model": sharp_model().state_dict(), "config": {"model": dataclasses.asdict(TINY)}, "step": 7}
-    save_checkpoint(run / "ckpt_000007.pt", state)
+    save_model_checkpoint(run, sharp_model(), step=7)
     return run
 
 
@@ -255,6 +252,7 @@ def test_evaluate_counts_correct_examples(rows_file):
                                 "hellaswag_style": "completion", "hellaswag_count": len(ROWS)}
 
 
+@pytest.mark.slow
 def test_compiled_model_gives_the_eager_result():
     config = GPTConfig(block_size=64, vocab_size=tokenizer.N_VOCAB, n_layer=1, n_head=2, n_embd=32)
     model = sharp_model(config)
@@ -276,12 +274,12 @@ def reference_result(checkpoint_dir: Path, rows_file: Path, style: str) -> dict:
     return {"acc": (by_sum == labels).float().mean().item(), "acc_norm": (by_norm == labels).float().mean().item()}
 
 
-def test_program_completion_style_writes_the_result(tiny_checkpoint, rows_file, tmp_path, capsys):
+def test_program_completion_style_writes_the_result(sharp_run, rows_file, tmp_path, capsys):
     out = tmp_path / "result.json"
-    hellaswag_main(["--checkpoint", str(tiny_checkpoint), "--data", str(rows_file), "--dtype", "float32",
+    hellaswag_main(["--checkpoint", str(sharp_run), "--data", str(rows_file), "--dtype", "float32",
                     "--output", str(out)])
     written = json.loads(out.read_text())
-    expected = reference_result(tiny_checkpoint, rows_file, "completion")
+    expected = reference_result(sharp_run, rows_file, "completion")
     assert written["acc"] == pytest.approx(expected["acc"], abs=1e-9)
     assert written["acc_norm"] == pytest.approx(expected["acc_norm"], abs=1e-9)
     assert written["count"] == len(ROWS)
@@ -289,10 +287,11 @@ def test_program_completion_style_writes_the_result(tiny_checkpoint, rows_file, 
     assert f"completion style, {len(ROWS)} examples): acc {expected['acc']:.4f}" in capsys.readouterr().out
 
 
-def test_program_offline_without_data_says_how_to_pass_it(tiny_checkpoint, tmp_path):
+@pytest.mark.slow
+def test_program_offline_without_data_says_how_to_pass_it(sharp_run, tmp_path):
     # HF_HUB_OFFLINE makes datasets fail at once, through the same path as no network (which retries for ~25 s).
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    result = run_script("hellaswag.py", "--checkpoint", tiny_checkpoint, env=env, check=False, timeout=120)
+    result = run_script("hellaswag.py", "--checkpoint", sharp_run, env=env, check=False, timeout=120)
     assert result.returncode == 2
     assert "Rowan/hellaswag" in result.stderr and "--data FILE.jsonl" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -341,27 +340,21 @@ def test_limit_takes_the_first_rows(rows_file):
 # ---- In training ---------------------------------------------------------------------------------------------
 
 
-def _rank_worker(rank: int, port: int, rows_file: Path, results) -> None:
+def _evaluate_on_a_rank(rank: int, rows_file: Path) -> tuple:
     torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        result = evaluate(sharp_model(), load(rows_file, style="harness"), FLOAT32, batch_size=2)
-        # Only rank 0 could load the data: neither rank may evaluate, or rank 0 would wait for rank 1 forever.
-        results[rank] = (dataclasses.astuple(result), distributed.all_ranks_agree(rank == 0),
-                         distributed.all_ranks_agree(True))
-    finally:
-        dist.destroy_process_group()
+    result = evaluate(sharp_model(), load(rows_file, style="harness"), FLOAT32, batch_size=2)
+    # Only rank 0 could load the data: neither rank may evaluate, or rank 0 would wait for rank 1 forever.
+    return dataclasses.astuple(result), distributed.all_ranks_agree(rank == 0), distributed.all_ranks_agree(True)
 
 
-def test_two_gloo_ranks_count_as_one_process_and_agree_before_evaluating(rows_file, free_port):
+@pytest.mark.slow
+def test_two_gloo_ranks_count_as_one_process_and_agree_before_evaluating(rows_file):
     one_process = evaluate(sharp_model(), load(rows_file, style="harness"), FLOAT32)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_worker, args=(free_port, rows_file, results), nprocs=2)
-        expected = (dataclasses.astuple(one_process), False, True)
-        assert dict(results) == {0: expected, 1: expected}
+    expected = (dataclasses.astuple(one_process), False, True)
+    assert on_gloo_ranks(_evaluate_on_a_rank, rows_file) == [expected, expected]
 
 
+@pytest.mark.slow
 def test_training_evaluates_hellaswag_and_logs_it(tiny_shards, rows_file, tmp_path):
     out = tmp_path / "run"
     run_script(*train_args(tiny_shards, out, "--train.max_steps=4", "--train.eval_interval=0",
@@ -380,6 +373,7 @@ def test_training_evaluates_hellaswag_and_logs_it(tiny_shards, rows_file, tmp_pa
     assert logged[-1]["hellaswag_acc"] == pytest.approx(expected.acc, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_training_without_hellaswag_data_offline_says_so_once_and_trains(tiny_shards, tmp_path):
     out = tmp_path / "run"
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf")}

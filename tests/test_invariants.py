@@ -80,6 +80,7 @@ class Batches:
         return batch[:, :-1], batch[:, 1:]
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_evaluates_and_samples_like_eager():
     """torch.compile really compiles training steps, evaluation and sampling (no silent fall-back to eager: the
     graph counters must grow at each), and every result equals eager to float32 rounding.

@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from conftest import run_script
+from helpers import run_script
 
 from pretrain import plots
 from pretrain.fileio import RecordsError
@@ -36,6 +36,7 @@ def lines_by_label(ax) -> dict:
     return {line.get_label(): line for line in ax.get_lines()}
 
 
+@pytest.mark.slow
 def test_plot_py_writes_one_png_for_several_runs(tmp_path):
     write_run(tmp_path / "gpt2", 12, 12, 768, 524288, hellaswag=True)
     write_run(tmp_path / "demo", 4, 4, 128, 2048, hellaswag=False)
@@ -90,6 +91,7 @@ def test_no_reference_line_for_a_run_of_another_shape(tmp_path):
     assert list(lines_by_label(hellaswag)) == ["demo"]
 
 
+@pytest.mark.slow
 def test_a_folder_without_metrics_is_one_line(tmp_path):
     result = run_script("plot.py", tmp_path, check=False, timeout=120)
     assert result.returncode == 2

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_script, started, torchrun, train_args
+from helpers import read_metrics, run_script, started, torchrun, train_args
 
 from pretrain.checkpoint import load_checkpoint, load_model
 from pretrain.loader import ShardLoader
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 STEADY = ["--model.dropout=0.1", "--optim.warmup_steps=100", "--train.eval_interval=3", "--train.val_steps=1"]
 STEP_TOKENS = 256  # data.total_batch_tokens in train_args

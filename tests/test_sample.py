@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from conftest import run_script
+from helpers import run_script, save_model_checkpoint
 
 from model import GPT, GPTConfig
 from pretrain import tokenizer
-from pretrain.checkpoint import checkpoint_path, save_checkpoint
-from pretrain.config import Config, to_dict
+from pretrain.config import Config
 from pretrain.sampling import generate_text
 
 PROMPT = "def parse(self"
@@ -24,20 +23,20 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def untrained_run(tmp_path_factory):
     """An untrained tiny GPT saved as a run's checkpoint: random weights sample varied text, enough to tell
     seeds apart."""
-    cfg = Config(model=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64))
+    cfg = Config()
     cfg.train.sample_prompt = "import os"
     torch.manual_seed(0)
-    model = GPT(cfg.model)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64))
     run_dir = tmp_path_factory.mktemp("run")
-    save_checkpoint(checkpoint_path(run_dir, 5), {"model": model.state_dict(), "step": 5, "config": to_dict(cfg)})
+    save_model_checkpoint(run_dir, model, step=5, cfg=cfg)
     return run_dir, model
 
 
-def test_streamed_text_is_what_one_generate_call_samples(tiny_checkpoint):
-    _, model = tiny_checkpoint
+def test_streamed_text_is_what_one_generate_call_samples(untrained_run):
+    _, model = untrained_run
     pieces = []
     streamed = generate_text(model, PROMPT, max_new_tokens=20, seed=3, on_text=pieces.append)
     generator = torch.Generator().manual_seed(3)
@@ -51,8 +50,9 @@ def test_streamed_text_is_what_one_generate_call_samples(tiny_checkpoint):
     assert generate_text(model, PROMPT, max_new_tokens=20, seed=4) != streamed
 
 
-def test_sample_py_with_a_seed_prints_the_same_samples_as_the_generate_code(tiny_checkpoint):
-    run_dir, model = tiny_checkpoint
+@pytest.mark.slow
+def test_sample_py_with_a_seed_prints_the_same_samples_as_the_generate_code(untrained_run):
+    run_dir, model = untrained_run
     args = ["sample.py", "--checkpoint", run_dir, "--prompt", PROMPT, "--num-samples", "2", "--max-new-tokens",
             "16", "--seed", "7", "--temperature", "0.9", "--top-k", "20", "--device", "cpu"]
     result = run_script(*args, timeout=120)
@@ -61,14 +61,16 @@ def test_sample_py_with_a_seed_prints_the_same_samples_as_the_generate_code(tiny
     assert "ckpt_000005.pt: step 5" in result.stderr  # a run folder means its newest checkpoint
 
 
-def test_one_sample_streams_and_defaults_to_the_runs_prompt(tiny_checkpoint):
-    run_dir, model = tiny_checkpoint
+@pytest.mark.slow
+def test_one_sample_streams_and_defaults_to_the_runs_prompt(untrained_run):
+    run_dir, model = untrained_run
     result = run_script("sample.py", "--checkpoint", run_dir, "--max-new-tokens", "12", "--seed", "11",
                         timeout=120)
     expected = generate_text(model, "import os", max_new_tokens=12, seed=11)[0]
     assert result.stdout == expected + "\n"
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_is_one_line(tmp_path):
     result = run_script("sample.py", "--checkpoint", tmp_path / "missing.pt", check=False, timeout=120)
     assert result.returncode == 2

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import read_metrics, run_script
+from helpers import read_metrics, run_script, train_args
 from torch.nn import functional as F
 
 from model import GPT, MLP, ChunkedHeadLoss, GPTConfig
@@ -141,6 +141,7 @@ def test_activation_checkpointing_gives_identical_losses_and_gradients():
     assert all("forward" not in block.__dict__ for block in model.transformer.h)
 
 
+@pytest.mark.slow
 def test_compiled_model_evaluates_and_samples_without_recompiling_at_every_call():
     import torch._dynamo.utils
     torch._dynamo.reset()
@@ -166,6 +167,7 @@ def test_compiled_model_evaluates_and_samples_without_recompiling_at_every_call(
     assert graphs["unique_graphs"] == after_sampling  # later calls reuse them all
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_compiled_ddp_model_has_the_plain_models_keys(free_port):
     """prepare() wraps the compiled model in DDP (the multi-GPU default): unwrap peels both, so checkpoints hold the
     GPT's own keys (not _orig_mod.*) and load_model, sample.py and hellaswag.py can read them."""
@@ -186,14 +188,13 @@ def test_checkpoint_of_a_compiled_ddp_model_has_the_plain_models_keys(free_port)
 
 
 def tiny_run_args(data_dir, out_dir, *extra: str) -> list:
-    return ["train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={data_dir}", "--data.demo=false",
-            f"--train.out_dir={out_dir}", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64",
-            "--model.block_size=32", "--train.loss_chunk=48", "--data.seq_len=32", "--data.micro_batch_size=4",
-            "--data.total_batch_tokens=512", "--train.dtype=float32", "--train.compile=false",
-            "--train.eval_interval=2", "--train.val_steps=2", "--optim.warmup_steps=2", "--train.max_steps=3",
-            "--train.sample_interval=2", "--train.sample_tokens=2", *extra]
+    """2 ranks x 2 micro-steps, a chunked head that splits a micro-batch, validation and samples every 2 steps."""
+    return train_args(data_dir, out_dir, "--train.loss_chunk=48", "--data.total_batch_tokens=512",
+                      "--train.eval_interval=2", "--train.val_steps=2", "--train.max_steps=3",
+                      "--train.sample_interval=2", "--train.sample_tokens=2", *extra)
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_gloo_ranks_matches_ddp(tiny_shards, tmp_path):
     """The same 2 ranks x 2 micro-steps with FSDP and with DDP see the same tokens, so losses, gradient norms,
     validation losses, final weights and AdamW state must agree (test_train checks DDP against one process)."""
@@ -222,6 +223,7 @@ def test_fsdp_on_two_gloo_ranks_matches_ddp(tiny_shards, tmp_path):
                                    rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_fsdp_run_resumes_from_its_checkpoint_like_one_process(tiny_shards, tmp_path):
     """Each run stops at step 3 and is resumed to step 5: the FSDP ranks load the whole-model checkpoint back into
     their shards (model and AdamW state), so the resumed steps match the single process's resumed steps."""
@@ -245,6 +247,7 @@ def test_fsdp_run_resumes_from_its_checkpoint_like_one_process(tiny_shards, tmp_
                                    rtol=1e-3, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_bench_reports_each_variant_against_the_anchor(tiny_shards, tmp_path):
     """bench.py's report (not its speed): one row per variant with the settings it ran, ratios to the anchor, and
     peak memory measured per variant. At a shape where the 50k-wide logits dominate, the chunked head's step holds

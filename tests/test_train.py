@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_script, started, torchrun, train_args
+from helpers import read_metrics, run_script, started, torchrun, train_args
 
 from pretrain.checkpoint import load_checkpoint, load_model
 from pretrain.config import OptimConfig
 from pretrain.optim import lr_at
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 metrics = read_metrics
 

@@ -11,7 +11,7 @@ import struct
 import sys
 
 import pytest
-from conftest import read_metrics, run_script
+from helpers import read_metrics, run_script, train_args
 
 from pretrain.config import Config
 from pretrain.errors import MissingPackage
@@ -26,14 +26,10 @@ STEPS, TOKENS_PER_STEP = 12, 256
 def watched_run(tiny_shards, tmp_path_factory):
     """12 steps, a line every 5, validation every 5, TensorBoard and W&B (offline) on; stdout is a pipe."""
     out = tmp_path_factory.mktemp("watched")
-    result = run_script(
-        "train_gpt2.py", "--config", "configs/demo.toml", f"--data.dir={tiny_shards}", "--data.demo=false",
-        f"--train.out_dir={out}", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64",
-        "--model.block_size=32", "--data.seq_len=32", "--data.micro_batch_size=4",
-        f"--data.total_batch_tokens={TOKENS_PER_STEP}", "--train.dtype=float32", "--train.compile=false",
-        f"--train.max_steps={STEPS}", "--train.log_interval=5", "--train.eval_interval=5", "--train.val_steps=2",
-        "--train.sample_interval=0", "--train.tensorboard=true", "--train.wandb_project=watch-test",
-        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    result = run_script(*train_args(tiny_shards, out, f"--data.total_batch_tokens={TOKENS_PER_STEP}",
+                                    f"--train.max_steps={STEPS}", "--train.log_interval=5", "--train.eval_interval=5",
+                                    "--train.val_steps=2", "--train.tensorboard=true",
+                                    "--train.wandb_project=watch-test"))
     return out, result.stdout
 
 
@@ -41,6 +37,7 @@ def step_records(records: list[dict]) -> list[dict]:
     return [r for r in records if "loss" in r]
 
 
+@pytest.mark.slow
 def test_output_that_is_not_a_terminal_gets_a_line_every_log_interval(watched_run):
     out, stdout = watched_run
     logged = [int(m) for m in re.findall(r"^step +(\d+) \| loss", stdout, flags=re.MULTILINE)]
@@ -49,6 +46,7 @@ def test_output_that_is_not_a_terminal_gets_a_line_every_log_interval(watched_ru
     assert [r["step"] for r in step_records(read_metrics(out))] == list(range(STEPS))  # the file has every step
 
 
+@pytest.mark.slow
 def test_summary_numbers_match_the_metrics(watched_run):
     out, stdout = watched_run
     summary = json.loads((out / "summary.json").read_text())
@@ -127,6 +125,7 @@ def test_plain_lines_and_quiet_ranks():
     assert other_rank.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_metrics_records(watched_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, _ = watched_run
@@ -163,6 +162,7 @@ def wandb_history(run_file) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics_records(watched_run):
     out, _ = watched_run
     run_files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
