@@ -143,16 +143,12 @@ def _like(base: Variant, key: str, name: str, **changes) -> Variant:
 
 
 def _dtype_unsuitable(dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why a variant in `dtype` is left out here, or None. On a CPU without bfloat16 instructions a bfloat16
-    matmul runs ~100x slower than float32: measured, not assumed."""
+    """Why a variant in `dtype` is left out here, or None: on a CPU without bfloat16 instructions a bfloat16 matmul
+    runs tens of times slower than float32 (the same decision as train.dtype=auto)."""
     if dtype != torch.bfloat16 or device.type != "cpu":
         return None
-    bf16 = runtime.measure_matmul_tflops(torch.bfloat16, 256, 2)
-    fp32 = runtime.measure_matmul_tflops(torch.float32, 256, 2)
-    if bf16 >= fp32:
-        return None
-    return (f"bfloat16 skipped: on this CPU a bfloat16 matmul runs at {bf16 * 1000:.1f} GFLOP/s against "
-            f"{fp32 * 1000:.0f} in float32 (no bfloat16 instructions)")
+    chosen, reason = runtime.auto_cpu_dtype()
+    return None if chosen == torch.bfloat16 else f"bfloat16 skipped: {reason}"
 
 
 class Batches:
@@ -358,7 +354,8 @@ def main(argv: list[str]) -> None:
         cfg = load_config(config_argv, prog="bench.py")
     except errors.HelpRequested as help_text:
         raise errors.HelpRequested(f"{__doc__}\n{help_text}") from None
-    rt = runtime.resolve(cfg.train.device, cfg.train.dtype, cfg.train.compile)
+    rt = runtime.resolve(cfg.train.device, cfg.train.dtype, cfg.train.compile,
+                         compile_backend=cfg.train.compile_backend)
     names = [n for n in options["variants"].split(",") if n] or list(ALL_VARIANTS)
     variants, notes = make_variants(names, cfg, rt)
     if options["memory"] == "only":

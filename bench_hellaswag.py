@@ -82,7 +82,7 @@ def main() -> None:
     # 48); over the 10,042 rows, sorted neighbours have near-equal lengths at any batch size.
     parser.add_argument("--batch-size", type=int, default=4, help="examples per forward, ours")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPES)
     args = parser.parse_args()
 
     rt = runtime.resolve(args.device, args.dtype, compile=False)

@@ -104,8 +104,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/demo.toml", help="a config with a demo corpus (default: the demo)")
     p.add_argument("--orders", default=",".join(ORDERS), help=f"comma-separated, from {', '.join(ORDERS)}")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16: one dtype for every order, "
-                   "not the config's auto, which a CPU decides by a timing that load can flip between runs")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="float32 (default) or bfloat16: one dtype for every order")
     p.add_argument("--val-batches", type=int, default=100, help="validation batches scored (default 100)")
     args = p.parse_args()
     orders = args.orders.split(",")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pretrain import errors, hf_export
 from pretrain.checkpoint import CheckpointError, find_latest, load_model
+from pretrain.errors import UserError
 
 
 def main(argv: list[str]) -> None:
@@ -20,6 +21,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True, help="a ckpt_<step>.pt file, or a run folder (its newest)")
     parser.add_argument("--out", required=True, help="the folder to write (created; our files in it are replaced)")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; expected the folder to write the export into")
     source = Path(args.checkpoint)
     if not source.is_file() and find_latest(source) is None:  # load_model would look for it on the Hub
         raise CheckpointError(f"{source} is neither a checkpoint file nor a run folder holding one (ckpt_<step>.pt)")

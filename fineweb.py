@@ -10,6 +10,7 @@ Interrupted? Run the same command again: it continues after the last complete sh
 """
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pretrain import errors
 from pretrain.shard_builder import (
+    BYTES_PER_TOKEN,
     DEFAULT_SHARD_SIZE,
     DEFAULT_VAL_TOKENS,
     DEMO_DIR,
@@ -27,10 +29,13 @@ from pretrain.shard_builder import (
     build_corpus,
     local_val_tokens,
 )
-from pretrain.sources import HubDataset, LocalFiles, demo_source, resolve_inputs
+from pretrain.sources import CorpusError, HubDataset, LocalFiles, demo_source, resolve_inputs
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_CONFIG = "sample-10BT"
+SAMPLE_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}  # FineWeb-Edu's samples, roughly
+MIN_SHARD_SIZE = 1_000  # tokens: below this a shard's 1 KB header outweighs its tokens
+MAX_SHARDS = 10_000  # more files than this is a --shard-size typed wrong, not a corpus anyone wants
 # build-nanogpt's shard names for the two FineWeb datasets; other datasets use their own name.
 PREFIXES = {"fineweb-edu": "edufineweb", "fineweb": "fineweb"}
 # Keep stderr for our own one-line errors: no retry warnings or progress bars from datasets/huggingface_hub.
@@ -75,9 +80,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("choose one source: --dataset/--name, --input or --demo")
     if args.input and args.output is None:
         p.error("--input needs --output (the shard directory)")
-    if args.shard_size == 0:  # the token-count parser already refuses negatives
-        p.error("--shard-size must be at least 1 token")
+    if args.shard_size is not None and args.shard_size < MIN_SHARD_SIZE:  # the parser already refuses negatives
+        p.error(f"--shard-size must be at least {MIN_SHARD_SIZE:,} tokens (default {DEFAULT_SHARD_SIZE:,})")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1 (default: all {available_cpus()} cores)")
     return args
+
+
+def expected_tokens(args: argparse.Namespace, source) -> float | None:
+    """About how many tokens the source holds: local files from their size, FineWeb's samples by name; else None."""
+    if args.demo or args.input:
+        return sum(p.stat().st_size for p in source.paths) / BYTES_PER_TOKEN
+    return SAMPLE_TOKENS.get(source.config) if source.name == DEFAULT_DATASET else None
+
+
+def check_shard_count(shard_size: int, tokens: float | None) -> None:
+    """A shard size that would write more than MAX_SHARDS files is refused (before anything is written)."""
+    if tokens is not None and tokens / shard_size > MAX_SHARDS:
+        raise CorpusError(f"--shard-size {shard_size:,} would write about {tokens / shard_size:,.0f} shards for this "
+                          f"input (~{tokens:,.0f} tokens): use at least {math.ceil(tokens / MAX_SHARDS):,} tokens per "
+                          f"shard (the default is {DEFAULT_SHARD_SIZE:,})")
 
 
 def make_source(args: argparse.Namespace):
@@ -128,6 +150,7 @@ def main(argv: list[str]) -> int:
         shard_size = args.shard_size
         if shard_size is None:
             shard_size = DEMO_SHARD_SIZE if args.demo else DEFAULT_SHARD_SIZE
+        check_shard_count(shard_size, expected_tokens(args, source))
         val_tokens = args.val_tokens
         if val_tokens is None:
             val_tokens = default_val_tokens(args, source)

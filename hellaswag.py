@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     device = runtime.pick_device(args.device, distributed.local_rank())
     dist_info = distributed.setup(device)
-    rt = runtime.resolve(device, args.dtype, args.compile, decide=distributed.master_decides)
+    rt = runtime.resolve(device, args.dtype, args.compile, agree=distributed.from_master)
     try:
         data = load(args.data, args.limit, args.style)
     except HellaSwagUnavailable as e:

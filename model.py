@@ -267,7 +267,9 @@ class GPT(nn.Module):
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # the largest logit becomes 0 before dividing, in float64: a temperature near 0 then sends the others
+                # to -inf (the greedy choice) instead of overflowing to inf - inf or dividing by a float32 zero
+                logits = (logits.double() - logits.amax(dim=-1, keepdim=True)) / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))

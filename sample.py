@@ -9,6 +9,7 @@ text. Messages about the model go to stderr, so stdout holds only the samples.
 """
 
 import argparse
+import math
 import sys
 
 from pretrain import errors, runtime
@@ -36,8 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--num-samples must be at least 1")
     if args.max_new_tokens < 0:
         parser.error("--max-new-tokens must be 0 or more")
-    if args.temperature < 0:
-        parser.error("--temperature must be 0 or more")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        parser.error(f"--temperature must be a number, 0 or more (0: the likeliest token), got {args.temperature}")
     if args.top_k < 0:
         parser.error("--top-k must be 0 or more")
     return args
@@ -60,7 +61,8 @@ def main(argv: list[str]) -> None:
         generate_text(model, prompt, on_text=lambda text: print(text, end="", flush=True), **sample_args)
         print()
         return
-    for i, text in enumerate(generate_text(model, prompt, **sample_args)):
+    # several samples are printed when all are done: a bar on stderr shows the tokens generated meanwhile
+    for i, text in enumerate(generate_text(model, prompt, progress=True, **sample_args)):
         print(f"--- sample {i + 1} of {args.num_samples} ---")
         print(text)
 

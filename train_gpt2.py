@@ -9,11 +9,11 @@ newest checkpoint, then for each step the periodic jobs (validation, HellaSwag, 
 log line and a checkpoint when due. Each is one call into pretrain/ (the step itself is pretrain/trainer.py).
 """
 
-from model import GPT
 from pretrain import distributed, errors, hellaswag_scoring, parallel, preemption, run_dir, runtime, summary, trackers
 from pretrain.config import Config, grad_accum_steps, load_config, to_dict
+from pretrain.fileio import read_jsonl
 from pretrain.health import HealthMonitor
-from pretrain.metrics import MetricsLogger, flops_per_token, peak_tflops
+from pretrain.metrics import MetricsLogger, Mfu, flops_per_token, peak_tflops
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.progress import Progress
 from pretrain.trainer import (
@@ -24,6 +24,8 @@ from pretrain.trainer import (
     StepTimer,
     ValidationLoss,
     build_loaders,
+    build_model,
+    describe_run,
     prepare_data,
     run_due,
     step_record,
@@ -35,27 +37,34 @@ def main(argv: list[str]) -> None:
     cfg = load_config(argv, prog="train_gpt2.py")
     device = runtime.pick_device(cfg.train.device, distributed.local_rank())
     dist_info = distributed.setup(device)
+    run = run_dir.RunDir(cfg.train.out_dir)
     try:
-        train(cfg, dist_info)
+        train(cfg, dist_info, run)
     finally:
+        run.release()
         distributed.teardown()
 
 
-def train(cfg: Config, dist_info: distributed.DistInfo) -> None:
-    master, device = dist_info.is_master, dist_info.device
+def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> None:
+    master, device, max_steps = dist_info.is_master, dist_info.device, cfg.train.max_steps
     accum_steps = grad_accum_steps(cfg, dist_info.world_size)
-    # One dtype on every rank: on CPU the choice comes from a local matmul timing, so rank 0 decides for all.
-    rt = runtime.resolve(device, cfg.train.dtype, cfg.train.compile, decide=distributed.master_decides)
+    # One dtype on every rank: on some CPUs the choice comes from a local matmul timing, so rank 0 decides for all.
+    rt = runtime.resolve(device, cfg.train.dtype, cfg.train.compile, agree=distributed.from_master,
+                         compile_backend=cfg.train.compile_backend)
     runtime.seed_everything(cfg.train.seed)  # the same initial weights on every rank
     config_dict = to_dict(cfg)
-    run = run_dir.RunDir(cfg.train.out_dir)
-    start = run_dir.choose_start(run, cfg.train.resume, config_dict["model"])
+    start = run_dir.choose_start(run, cfg.train.resume, config_dict)  # rank 0 holds the folder from here on
+    if start.has_nothing_to_do(max_steps):
+        if master:
+            print(f"{start.path} is already at step {start.step} of train.max_steps={max_steps}: nothing to do "
+                  "(raise --train.max_steps to train further)")
+        return
 
     prepare_data(cfg, dist_info)
-    train_loader, val_loader = build_loaders(cfg, dist_info)
+    train_loader, val_loader, data_lines = build_loaders(cfg, dist_info)
     hellaswag_data = hellaswag_scoring.load_for_training(cfg.train, master)
 
-    raw_model = GPT(cfg.model).to(device)
+    raw_model = build_model(cfg.model, device)
     raw_model.set_training_memory(cfg.train.loss_chunk, cfg.train.recompute_gelu)
     runtime.seed_everything(cfg.train.seed + dist_info.rank)  # from here on each rank draws its own dropout masks
     model = parallel.prepare(raw_model, rt, cfg.train.parallel, cfg.train.activation_checkpointing,
@@ -65,30 +74,25 @@ def train(cfg: Config, dist_info: distributed.DistInfo) -> None:
     peak = peak_tflops(device, rt.dtype, cfg.train.peak_tflops)  # on CPU a matmul of random numbers
 
     # Last before the loop: this restores the RNG states, and nothing may draw random numbers before the first step.
-    start_step, tokens_seen, resume_lines = 0, 0, [f"starting fresh in {run}"]
+    start_step, tokens_seen, resume_lines = 0, 0, [f"starting at step 0 in {run}"]
     if start.path is not None:
         start_step, tokens_seen, resume_lines = run_dir.resume(start, config_dict, raw_model, optimizer, train_loader,
                                                                dist_info.rank, dist_info.world_size, device)
-    if start_step >= cfg.train.max_steps:
-        if master:
-            print(f"{start.path} is already at step {start_step} of train.max_steps={cfg.train.max_steps}: nothing "
-                  "to do (raise --train.max_steps to train further)")
-        return
+    if start_step == max_steps:
+        resume_lines.append(f"training ended at step {max_steps}, but its final evaluation did not: evaluating now")
 
-    run_summary = summary.RunSummary(cfg.data.total_batch_tokens)
-    progress = Progress(cfg.train.max_steps, cfg.train.log_interval, start_step=start_step, enabled=master)
+    run_summary = summary.RunSummary()
+    if master and start.path is not None:
+        run_summary.seed(read_jsonl(run.metrics) if run.metrics.is_file() else [], resumed_at=start_step)
+    progress = Progress(max_steps, cfg.train.log_interval, start_step=start_step, enabled=master)
     resumed_step = start_step if start.path is not None else None
     logger = MetricsLogger(run.metrics, enabled=master, progress=progress,
                            sinks=[run_summary, *trackers.open_trackers(cfg, run, resumed_step, enabled=master)])
     if master:
         run.write_config(config_dict)
-        logger.write(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, "
-                     f"{cfg.model.n_embd} wide | {rt.describe()} x {dist_info.world_size}")
-        peak_text = "unknown (set train.peak_tflops)" if peak is None else f"{peak:.4g} TFLOP/s"
-        logger.write(f"batch: {cfg.data.total_batch_tokens} tokens/step = {cfg.data.micro_batch_size} x "
-                     f"{cfg.data.seq_len} x {dist_info.world_size} ranks x {accum_steps} accumulation steps | MFU "
-                     f"peak {peak_text} per device, {flops / 1e6:.1f} MFLOP/token")
-        logger.write("\n".join(start.notes + resume_lines))
+        for line in describe_run(cfg, raw_model, rt, dist_info.world_size, accum_steps, peak, flops):
+            logger.write(line)
+        logger.write("\n".join(data_lines + start.notes + resume_lines))
 
     # under FSDP every rank runs the forward passes of the samples (they gather the shards); only rank 0 prints
     samples_here = master or parallel.is_sharded(model)
@@ -100,11 +104,12 @@ def train(cfg: Config, dist_info: distributed.DistInfo) -> None:
     health = HealthMonitor(raw_model, run.health, cfg.train.health_interval, cfg.optim.grad_clip, rt.autocast,
                            enabled=master, log=logger.write)
     nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run)
+    mfu = Mfu(flops, peak, dist_info.world_size, log=logger.write)
     try:
         with preemption.StopSignals() as signals:
-            for step in range(start_step, cfg.train.max_steps):
+            for step in range(start_step, max_steps):
                 run_due(jobs, step)
-                lr = lr_at(step, cfg.optim, cfg.train.max_steps)
+                lr = lr_at(step, cfg.optim, max_steps)
                 with StepTimer() as timer, health.recording(step, train_loader) as probe:
                     loss, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr, cfg.optim.grad_clip,
                                                  rt, probe)
@@ -115,10 +120,10 @@ def train(cfg: Config, dist_info: distributed.DistInfo) -> None:
                                f"({nonfinite.skipped} of train.skip_nonfinite={nonfinite.allowed})")
                 else:
                     logger.log_step(step_record(step, lr, loss, grad_norm, timer.seconds, cfg.data.total_batch_tokens,
-                                                flops, peak, dist_info.world_size))
+                                                mfu))
                 steps_done = step + 1
                 # every rank stops after the same step; a signal in the last step finishes the run instead
-                stopping = distributed.any_rank(signals.requested) and steps_done < cfg.train.max_steps
+                stopping = distributed.any_rank(signals.requested) and steps_done < max_steps
                 if checkpoints.due(steps_done) or stopping:
                     path = checkpoints.save(steps_done, tokens_seen)
                 if stopping:
@@ -126,7 +131,16 @@ def train(cfg: Config, dist_info: distributed.DistInfo) -> None:
                     logger.write(f"stopped by {signals.received or 'a signal to another rank'} after {steps_done} "
                                  f"steps: saved {path}; run the same command again to resume (train.resume=auto)")
                     return
-        run_due(jobs, cfg.train.max_steps)  # the final model, after the last optimizer step
+            # Training is done and its last checkpoint saved. The final evaluation (of the model after the last
+            # step) stops at a signal between its jobs; the same command's rerun then does it.
+            for job in jobs:
+                if job.due(max_steps):
+                    job(max_steps)
+                if distributed.any_rank(signals.requested):
+                    logger.write(f"stopped by {signals.received or 'a signal to another rank'} during the final "
+                                 f"evaluation: training ended and {run.newest_checkpoint()} is saved; run the same "
+                                 "command again to evaluate it and write the summary")
+                    return
     finally:
         logger.close()
         health.close()

@@ -19,6 +19,7 @@ import dataclasses
 import pickle
 import random
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -49,10 +50,34 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write state with torch.save; the file appears complete or not at all."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    """Write state with torch.save; the file appears complete or not at all (a failed save leaves the previous
+    checkpoints as they were)."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except RuntimeError as e:  # torch.save's C++ writer reports a full disk as "basic_ios::clear: iostream error"
+        needed = sum(t.nbytes for t in _tensors(state))
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+        if free is not None and free < needed:
+            why = f"the disk is full ({free / 2**20:,.0f} MiB free, the checkpoint needs {needed / 2**20:,.0f} MiB)"
+        else:
+            why = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"cannot write checkpoint {path}: {why}; the checkpoints saved before it are "
+                              "intact") from None
+    return path
+
+
+def _tensors(value):
+    """Every tensor in a nest of dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
 
 
 # -- random number generators ----------------------------------------------------------------------------------
@@ -207,11 +232,13 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
         except ImportError:
             raise MissingPackage("loading OpenAI's GPT-2 weights or a Hugging Face folder needs the transformers "
                                  "package: pip install transformers") from None
-        except (OSError, ValueError) as e:
+        except Exception as e:  # transformers and safetensors raise their own kinds for a damaged folder
             if source_path.exists():
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise CheckpointError(f"{source_path} is not a readable Hugging Face GPT-2 folder: {first_line}") \
                     from None
+            if not isinstance(e, OSError | ValueError):
+                raise
             raise CheckpointError(f"no checkpoint or run directory {str(source)!r} here, and the Hugging Face Hub "
                                   "has no GPT-2 model of that name or cannot be reached") from None
     return model.to(device).eval(), meta

@@ -18,7 +18,7 @@ from model import GPTConfig, option
 from pretrain.errors import HelpRequested, UserError
 from pretrain.hellaswag import STYLES as HELLASWAG_STYLES
 from pretrain.parallel import MODES as PARALLEL_MODES
-from pretrain.runtime import COMPILE_SETTINGS, DTYPES
+from pretrain.runtime import COMPILE_BACKENDS, COMPILE_SETTINGS, DTYPES
 
 
 @dataclass
@@ -31,6 +31,9 @@ class DataConfig:
                                      "[1, inf)")
     shuffle: bool = option(True, "shuffle documents over all shards each epoch; false: files in order (val never is)")
     seed: int = option(1337, "seeds the per-epoch shuffle of the documents and lanes", "[0, inf)")
+    check_shard_dates: bool = option(True, "refuse to resume when a shard's size or modification date changed since "
+                                           "the checkpoint (false: trust names and token counts, e.g. after a copy "
+                                           "that did not keep dates)")
 
 
 @dataclass
@@ -54,6 +57,9 @@ class TrainConfig:
     dtype: str = option("auto", "autocast dtype: auto (bfloat16 where supported), bfloat16 or float32",
                         choices=DTYPES)
     compile: str = option("auto", "torch.compile: auto (on for CUDA), true or false", choices=COMPILE_SETTINGS)
+    compile_backend: str = option("inductor", "torch.compile's backend: inductor (generates kernels), or aot_eager "
+                                              "(the same graphs run eagerly: checks compiled training in seconds)",
+                                  choices=COMPILE_BACKENDS)
     seed: int = option(1337, "seeds the initial weights, dropout and sampling", "[0, inf)")
     log_interval: int = option(1, "print a training step every N steps when not on a terminal (all go to "
                                   "metrics.jsonl)", "[1, inf)")
@@ -169,8 +175,11 @@ def _set(cfg: Config, key: str, value, from_cli: bool) -> None:
 def load_toml(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark, as some editors write, is not TOML's
+        table = tomllib.loads(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                          "save it as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:

@@ -33,13 +33,29 @@ def is_reporting_rank() -> bool:
 
 
 def report(error: UserError) -> None:
+    """One line on stderr, from rank 0 only unless the error is this rank's alone (error.every_rank False: a shard
+    that one rank reads, say)."""
     if is_reporting_rank() or not getattr(error, "every_rank", True):
         print(f"error: {error}", file=sys.stderr, flush=True)
 
 
+def rank_local(error: UserError) -> UserError:
+    """Mark an error that only this rank meets, so that this rank reports it (report prints rank 0's otherwise)."""
+    error.every_rank = False
+    return error
+
+
+def _is_lost_rank(error: BaseException) -> bool:
+    """A collective that failed because another rank stopped (torch.distributed's errors; torch is only looked up
+    if the program has imported it)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and isinstance(error, getattr(dist, "DistError", ()))
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Call main(argv) (default: the command line) and exit: 0, or main's status; 2 with one line for a
-    UserError; 0 after printing the help for --help."""
+    UserError; 0 after printing the help for --help. Under torchrun, a collective that fails because another rank
+    stopped is one line from rank 0 (that rank's own output, or torchrun's summary, says why), none from the rest."""
     try:
         status = main(sys.argv[1:] if argv is None else argv)
     except HelpRequested as help_text:
@@ -48,4 +64,12 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     except UserError as e:
         report(e)
         status = 2
+    except Exception as e:
+        if not _is_lost_rank(e):
+            raise
+        if is_reporting_rank():
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: another rank stopped or was killed, and a collective failed ({first_line}); that rank's "
+                  "output, or torchrun's summary, says why", file=sys.stderr, flush=True)
+        status = 1
     sys.exit(status or 0)

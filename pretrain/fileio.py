@@ -2,9 +2,11 @@
 records: appended a whole line at a time, read back with a last line cut short by a killed writer left out."""
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 from pretrain.errors import UserError
@@ -15,24 +17,41 @@ def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
     On any exception the temporary file is removed and `path` is left as it was, so a crash mid-write never
-    leaves a truncated file under the real name.
+    leaves a truncated file under the real name. A write the system refuses (no permission, a full disk) is a
+    WriteError that names the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}{_free_space_note(path, e)}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+class WriteError(UserError):
+    """A file that could not be written (permissions, a full disk); anything it replaces is left as it was."""
+
+
+def _free_space_note(path: Path, error: OSError) -> str:
+    if error.errno != errno.ENOSPC:
+        return ""
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(next(p for p in (path.parent, *path.parents) if p.exists())).free
+        return f" ({free / 2**20:,.0f} MiB free there)"
+    return ""
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

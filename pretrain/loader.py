@@ -18,6 +18,7 @@ document (where each starts in its shard; an epoch's order and where each lands 
 straddles two epochs: 160 MB for the ~10M documents of a 10B-token split, 1.6 GB for 100B tokens.
 """
 
+import datetime
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.errors import rank_local
 from pretrain.shards import ShardError, list_shards, read_shard
 from pretrain.tokenizer import EOT_ID, N_VOCAB
 
@@ -56,7 +58,8 @@ class ShardLoader:
     """Batches (x, y) of shape (B, T) from the shards of one split, disjoint across ranks, resumable exactly."""
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool | None = None, seed: int = 0, lanes: int = LANES):
+                 world_size: int = 1, shuffle: bool | None = None, seed: int = 0, lanes: int = LANES,
+                 check_dates: bool = True):
         if batch_size < 1 or seq_len < 1 or lanes < 1:
             raise ValueError(f"batch_size ({batch_size}), seq_len ({seq_len}) and lanes ({lanes}) must be positive")
         if not 0 <= rank < world_size:
@@ -66,6 +69,7 @@ class ShardLoader:
         self.split, self.batch_size, self.seq_len, self.lanes = split, batch_size, seq_len, lanes
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle = split == "train" if shuffle is None else shuffle
+        self.check_dates = check_dates
         self.paths = list_shards(data_dir, split)
         # read_shard checks every header now, so a bad shard fails at start; the memmaps cost no RAM until read
         self.shards = [read_shard(p) for p in self.paths]
@@ -87,6 +91,24 @@ class ShardLoader:
     @property
     def epoch(self) -> int:
         return self.position // self.epoch_tokens
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens one next_batch() reads over all ranks."""
+        return self.world_size * self.batch_size * self.seq_len
+
+    @property
+    def whole_steps(self) -> int:
+        """next_batch() calls from position 0 before a rank's window would run past the epoch's end (unshuffled:
+        the number of distinct batches, as validation needs)."""
+        return (self.epoch_tokens - 1) // self.step_tokens
+
+    def describe(self) -> str:
+        """What this loader reads, for the log."""
+        names = self.paths[0].name if len(self.paths) == 1 else f"{self.paths[0].name} .. {self.paths[-1].name}"
+        order = "documents shuffled over all shards" if self.shuffle else "in file order"
+        return (f"{self.split}: {len(self.paths)} shard(s), {self.epoch_tokens:,} tokens ({names}, in "
+                f"{self.paths[0].parent}), {order}")
 
     def reset(self) -> None:
         self.position = 0
@@ -114,11 +136,17 @@ class ShardLoader:
             identity.update(seq_len=self.seq_len, lanes=self.lanes)
         return identity
 
+    def _fingerprints(self) -> list[list]:
+        """Each shard's size and modification time: a shard replaced by another of the same name and token count
+        (a rebuilt corpus of fixed-size shards) changes them, and comparing them costs no read of the tokens."""
+        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in self.paths]
+
     def state_dict(self) -> dict:
         # batch_size and world_size are informational (a step's rows are numbered over the run, so they may change),
         # and so is seq_len unless shuffled
         return {"position": self.position, "epoch": self.epoch, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "world_size": self.world_size, **self._identity()}
+                "seq_len": self.seq_len, "world_size": self.world_size, "fingerprints": self._fingerprints(),
+                **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._identity()
@@ -129,6 +157,13 @@ class ShardLoader:
                 what = "the shards (names, token counts)" if key == "shards" else key
                 raise ValueError(f"{self.split} loader state does not match: {what} changed from {state[key]!r} "
                                  f"to {value!r}; the saved position would point at different tokens")
+        if self.check_dates and "fingerprints" in state:  # older checkpoints have none
+            for (name, size, mtime), now in zip(state["fingerprints"], self._fingerprints()):
+                if [size, mtime] != now[1:]:
+                    raise ValueError(f"shard {name} in {self.paths[0].parent} changed since the checkpoint was saved "
+                                     f"(size {size:,} -> {now[1]:,} bytes, modified {_when(mtime)} -> {_when(now[2])})"
+                                     ": the saved position would point at other tokens; if only its date changed (a "
+                                     "copy that kept the bytes), resume with --data.check_shard_dates=false")
         position = state.get("position")
         if not isinstance(position, int) or position < 0:
             raise ValueError(f"loader state has an invalid position {position!r}")
@@ -203,8 +238,9 @@ class ShardLoader:
             return
         at = int(np.argmax(tokens >= N_VOCAB))
         shard, offset = where(at)
-        raise ShardError(f"shard {self.paths[shard]}: token id {tokens[at]} at token offset {offset} is not a GPT-2 "
-                         f"token (ids are 0..{N_VOCAB - 1}): was this shard written with another tokenizer?")
+        raise rank_local(ShardError(f"shard {self.paths[shard]}: token id {tokens[at]} at token offset {offset} is "
+                                    f"not a GPT-2 token (ids are 0..{N_VOCAB - 1}): was this shard written with "
+                                    "another tokenizer?"))
 
     # -- the shuffle ---------------------------------------------------------------------------------------------
 
@@ -244,6 +280,10 @@ class ShardLoader:
         lanes = min(self.lanes, windows)
         return _EpochOrder(docs, starts, first_window, windows, rng.permutation(lanes),
                            rng.permutation(windows % lanes))
+
+
+def _when(mtime_ns: int) -> str:
+    return datetime.datetime.fromtimestamp(mtime_ns / 1e9).isoformat(sep=" ", timespec="seconds")
 
 
 def split_at(bounds: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -39,14 +39,37 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> float | None:
     """The per-device peak that MFU is measured against: the configured value, else a known GPU's datasheet
-    bf16 figure, else (CPU) a measured matmul. None when unknown (MFU then is not reported)."""
+    bf16 figure, else (CPU) the best of ten matmuls in the training dtype. None when unknown (MFU then is not
+    reported)."""
     if configured > 0:
         return configured
     if device.type == "cuda":
         return gpu_peak_tflops(torch.cuda.get_device_name(device))
     if device.type == "cpu":
-        return measure_matmul_tflops(dtype)
+        return measure_matmul_tflops(dtype, size=1024, repeats=10)
     return None
+
+
+class Mfu:
+    """Model FLOPs utilisation of a training step: the model FLOPs each device did per second against its peak.
+    A step can only beat the peak if the peak is wrong (a CPU's matmul measured while the machine was busy, a
+    datasheet figure of another model): from then on no MFU is reported, and `log` is told once why, rather than
+    a utilisation above 100%."""
+
+    def __init__(self, flops_per_token: float, peak_tflops: float | None, world_size: int, log=print):
+        self.flops_per_token, self.peak, self.world_size, self.log = flops_per_token, peak_tflops, world_size, log
+
+    def __call__(self, tokens_per_s: float, step: int) -> float | None:
+        if self.peak is None:
+            return None
+        mfu = self.flops_per_token * tokens_per_s / self.world_size / (self.peak * 1e12)
+        if mfu > 1:
+            self.log(f"MFU no longer reported from step {step}: that step did {mfu * self.peak:.4g} TFLOP/s per "
+                     f"device, above the peak of {self.peak:.4g} TFLOP/s, so that peak is wrong (measured under "
+                     "load?); set train.peak_tflops to this device's peak")
+            self.peak = None
+            return None
+        return mfu
 
 
 def gpu_peak_tflops(device_name: str) -> float | None:

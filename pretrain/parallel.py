@@ -56,7 +56,7 @@ def prepare(model: GPT, rt: Runtime, mode: str, activation_checkpointing: bool, 
     if world_size > 1 and mode == "fsdp":
         if rt.compile:
             for block in model.transformer.h:
-                block.compile()
+                block.compile(backend=rt.compile_backend)
         shard(model, rt.device, rt.dtype)
         return model
     compiled = rt.maybe_compile(model)

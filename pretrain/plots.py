@@ -52,7 +52,10 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
         config = run.read_config()
     except json.JSONDecodeError as e:
         raise RecordsError(f"{run} holds a train_config.json that is not valid JSON: {e}") from None
-    return Run(name or run.path.name, read_jsonl(run.metrics), config)
+    records = read_jsonl(run.metrics)
+    if not any("loss" in r or "val_loss" in r for r in records):
+        raise RecordsError(f"{run.metrics} holds no training or validation records yet: nothing to plot")
+    return Run(name or run.path.name, records, config)
 
 
 def matplotlib():

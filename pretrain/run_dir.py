@@ -10,19 +10,28 @@ folder to one run.
 
 Where a run starts (train.resume):
     auto   the folder holds checkpoints: continue from the newest readable one (a corrupt newest is renamed
-           *.corrupt and the previous one used); no checkpoints: start fresh
-    none   start fresh
+           *.corrupt and the previous one used); none: start at step 0
+    none   start at step 0
     PATH   continue from that checkpoint file (or the newest in that run folder)
-A fresh start into a folder that already holds a run's checkpoints or metrics is refused, so two runs never mix;
-so is resuming from a step older than checkpoints already in the folder (pruning would delete the new ones).
-When resuming, every step-keyed record (metrics.jsonl, health.jsonl; TensorBoard purges its own) keeps only the
-records before the resumed step, so every step appears once. Rank 0 decides (it alone touches files) and loads
-the checkpoint once; the other ranks receive its answer or its error.
+A run holds its folder while it trains (an flock on .lock, which the kernel drops when the process ends, so a
+crashed run leaves nothing stuck): a second run into it stops at once. Starting at step 0 in a folder that holds
+checkpoints is refused (they would be mixed with the new ones), as is resuming from a step older than checkpoints
+already there (pruning would delete the new ones). A folder that holds only the records of an attempt that stopped
+before its first checkpoint is cleared for the same command's rerun (and refused to another config). When resuming,
+every step-keyed record (metrics.jsonl, health.jsonl; TensorBoard purges its own) keeps only the records before the
+resumed step, so every step appears once; a run that already finished is left as it is. Rank 0 decides (it alone
+touches files) and loads the checkpoint once; the other ranks receive its answer or its error.
 """
 
 import dataclasses
+import datetime
+import fcntl
 import json
+import os
 import re
+import shutil
+import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +44,9 @@ HEALTH = "health.jsonl"
 CONFIG = "train_config.json"
 SUMMARY = "summary.json"
 TENSORBOARD = "tensorboard"
+LOCK = ".lock"
 STEP_RECORDS = (METRICS, HEALTH)  # JSON lines keyed by "step": truncated to the step a run resumes from
+RECORDS = (METRICS, HEALTH, CONFIG, SUMMARY, TENSORBOARD)  # what a run writes besides checkpoints
 TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\.tmp\.\d+$")  # fileio.atomic_path's temporary name for a checkpoint
 # What a resumed run needs of a checkpoint (checkpoint.save_training_state writes them all).
 RESUME_KEYS = ("model", "optimizer", "step", "tokens_seen", "train_loader", "rng", "config", "world_size")
@@ -48,6 +59,8 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock = None  # the open .lock while this process holds the folder
+        self._created = False  # whether hold() made the folder
 
     def __str__(self) -> str:
         return str(self.path)
@@ -105,14 +118,69 @@ class RunDir:
             path.unlink(missing_ok=True)
         return stray
 
+    # -- holding the folder ----------------------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Take the folder for this process's run, or stop with one line naming the run that holds it."""
+        try:
+            self._created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path / LOCK, "a+")
+        except OSError as e:
+            raise CheckpointError(f"train.out_dir {self} cannot be written: {e.strerror}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise CheckpointError(f"train.out_dir {self} is in use by another run ({holder}): wait for it to end, or "
+                                  "choose another --train.out_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        """Let the folder go; a run that stopped before writing anything leaves no folder (or lock) behind."""
+        if self._lock is None:
+            return
+        if [p.name for p in self.path.iterdir()] == [LOCK]:
+            (self.path / LOCK).unlink()
+            if self._created:
+                self.path.rmdir()
+        self._lock.close()  # closing drops the flock
+        self._lock = None
+
     # -- records ---------------------------------------------------------------------------------------------------
 
-    def holds_a_run(self) -> list[str]:
-        """The names of what shows another run has used this folder: checkpoints, a non-empty metrics.jsonl."""
-        taken = [p.name for p in self.checkpoints()]
-        if self.metrics.is_file() and self.metrics.stat().st_size > 0:
-            taken.append(METRICS)
-        return taken
+    def records(self) -> list[str]:
+        """The names of the records a run has written here (metrics, health, config, summary, TensorBoard)."""
+        return [name for name in RECORDS if (self.path / name).exists()]
+
+    def clear_records(self) -> None:
+        """Delete every record an earlier attempt wrote (not its checkpoints: it has none when this is called)."""
+        for name in self.records():
+            path = self.path / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def last_recorded_step(self) -> int | None:
+        steps = [record["step"] for record in read_jsonl(self.metrics) if "step" in record] \
+            if self.metrics.is_file() else []
+        return max(steps, default=None)
+
+    def finished_with(self, checkpoint_file: Path) -> bool:
+        """Whether the run ended here with its final evaluation and summary after that checkpoint: the summary is
+        the last thing a run writes, and names the checkpoint it ended with."""
+        if not self.summary.is_file():
+            return False
+        try:
+            ended_with = json.loads(self.summary.read_text(encoding="utf-8")).get("final_checkpoint")
+        except json.JSONDecodeError:
+            return False
+        return ended_with is not None and Path(ended_with).name == checkpoint_file.name
 
     def truncate_records(self, step: int) -> None:
         """Keep the records before `step` in every step-keyed file (and drop a line cut short by a crash); the
@@ -130,19 +198,27 @@ class Start:
     path: Path | None = None  # None: a fresh start
     notes: list[str] = field(default_factory=list)  # lines for the log (fallbacks, cleanups)
     state: dict | None = None  # the checkpoint's contents, loaded once by rank 0 (None on the other ranks)
+    step: int = 0  # the checkpoint's step
+    finished: bool = False  # the checkpoint's run ended with its final evaluation and summary
+
+    def has_nothing_to_do(self, max_steps: int) -> bool:
+        """Whether the checkpoint is past max_steps, or at it with the run's final evaluation done."""
+        return self.path is not None and (self.step > max_steps or (self.step == max_steps and self.finished))
 
     def load(self) -> dict:
         """The checkpoint's contents: rank 0's copy, or (other ranks) read from the file now."""
         return self.state if self.state is not None else checkpoint.load_checkpoint(self.path)
 
 
-def choose_start(run: RunDir, resume: str, model_config: dict) -> Start:
-    """Rank 0 decides where the run starts and tidies the folder; every rank returns the same Start (the
-    checkpoint's contents only on rank 0) or raises the same error (CheckpointError for a refusal)."""
+def choose_start(run: RunDir, resume: str, config: dict) -> Start:
+    """Rank 0 takes the folder (RunDir.hold), decides where the run starts and tidies the folder; every rank returns
+    the same Start (the checkpoint's contents only on rank 0) or raises the same error (CheckpointError for a
+    refusal). config: this run's whole config, as a dict."""
     decided = None
     if distributed.is_master():
         try:
-            decided = _choose(run, resume, model_config)
+            run.hold()
+            decided = _choose(run, resume, config)
         except Exception as e:  # any failure, so that the other ranks raise it too instead of waiting for rank 0
             decided = e
     shared = decided if isinstance(decided, Exception) or decided is None else dataclasses.replace(decided, state=None)
@@ -152,14 +228,16 @@ def choose_start(run: RunDir, resume: str, model_config: dict) -> Start:
     return decided if distributed.is_master() else shared
 
 
-def _choose(run: RunDir, resume: str, model_config: dict) -> Start:
+def _choose(run: RunDir, resume: str, config: dict) -> Start:
     notes = [f"removed {p.name}, left by a save that was killed" for p in run.remove_stray_temp_files()]
+    if resume in ("auto", "none") and not run.checkpoints():
+        notes += _clear_an_attempt_without_checkpoints(run, resume, config)
+        return Start(None, notes)
     if resume == "none":
-        _refuse_if_taken(run, "train.resume=none, but")
-        return Start(None, notes)
-    if resume == "auto" and not run.checkpoints():
-        _refuse_if_taken(run, "train.resume=auto found no checkpoint, and")
-        return Start(None, notes)
+        raise CheckpointError(f"train.resume=none, but train.out_dir {run} holds checkpoints "
+                              f"({', '.join(p.name for p in run.checkpoints()[-3:])}) that a run from step 0 would "
+                              "mix with its own: continue that run with --train.resume=auto, or choose another "
+                              "--train.out_dir")
     source = run.path if resume == "auto" else Path(resume)
     if source.is_dir():
         path, state = _newest_readable(RunDir(source), notes)
@@ -169,19 +247,46 @@ def _choose(run: RunDir, resume: str, model_config: dict) -> Start:
     if missing:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it lacks {', '.join(missing)} (written before "
                               "resuming existed?); load_model still reads its weights")
-    differences = model_differences(state["config"], model_config)
+    differences = model_differences(state["config"], config["model"])
     if differences:
         raise CheckpointError(f"cannot resume from {path}: the model differs ({', '.join(differences)}); use the "
                               "checkpoint's model settings, or another --train.out_dir to start afresh")
     if path.parent.resolve() != run.path.resolve():
         _refuse_if_taken(run, f"resuming from {path} (another folder), but")
     _refuse_newer(run, path, state["step"])
-    run.truncate_records(state["step"])
-    return Start(path, notes, state)
+    # the records that the resumed steps, or a finished run's missing final evaluation, will write again; a run
+    # that has nothing left to do keeps its records as they are
+    step, max_steps = state["step"], config["train"]["max_steps"]
+    finished = run.finished_with(path)
+    if step < max_steps or (step == max_steps and not finished):
+        run.truncate_records(step)
+    return Start(path, notes, state, step, finished)
+
+
+def _clear_an_attempt_without_checkpoints(run: RunDir, resume: str, config: dict) -> list[str]:
+    """A folder without checkpoints that holds records: an attempt that stopped before its first checkpoint. The
+    same run (config) starts again from step 0, and so does any run with train.resume=none; another config is
+    refused, so that a different run's records are not lost by accident."""
+    records = run.records()
+    if not records:
+        return []
+    if resume == "auto":
+        earlier = run.read_config()
+        differences = [change for change in changed_settings(earlier, config) if not change.startswith("train.resume")]
+        if earlier and differences:
+            raise CheckpointError(f"train.out_dir {run} holds the records of another run that stopped before its first "
+                                  f"checkpoint ({', '.join(records)}; its settings differ: "
+                                  f"{', '.join(differences[:3])}): choose another --train.out_dir, or start over in "
+                                  "this one with --train.resume=none, which deletes those records")
+    last = run.last_recorded_step()
+    run.clear_records()
+    ended = f", its records ended at step {last}" if last is not None else ""
+    return [f"an earlier attempt in {run} stopped before its first checkpoint{ended}: removed its records "
+            f"({', '.join(records)}), starting again from step 0"]
 
 
 def _refuse_if_taken(run: RunDir, why: str) -> None:
-    taken = run.holds_a_run()
+    taken = [p.name for p in run.checkpoints()] + run.records()
     if taken:
         raise CheckpointError(f"{why} train.out_dir {run} already holds another run ({', '.join(taken[-3:])}): "
                               "choose another --train.out_dir, or continue that run with --train.resume=auto")

@@ -150,6 +150,12 @@ def _check_shard_file(output_dir: Path, shard: dict, why: str) -> None:
         raise CorpusError(f"shard {path} ({why}) is missing or has the wrong size; delete {output_dir} to start again")
 
 
+def is_unfinished(output_dir: str | Path) -> bool:
+    """Whether a build of this directory started and has not finished: its progress file, and no manifest."""
+    output_dir = Path(output_dir)
+    return (output_dir / PROGRESS).is_file() and not (output_dir / MANIFEST).is_file()
+
+
 def is_complete(output_dir: str | Path) -> bool:
     """Cheap check that a corpus was built to the end: its manifest exists and every shard has the right size."""
     path = Path(output_dir) / MANIFEST
@@ -202,7 +208,9 @@ class _ShardWriter:
             else self.shard_size
         return limit - self.fill
 
-    def add(self, chunk: _Chunk, start: int = 0) -> None:
+    def add(self, chunk: _Chunk, start: int = 0, progress=None) -> None:
+        """Add chunk's tokens from `start` on, writing each shard as it fills; progress (a tqdm bar) moves by the
+        tokens added, after each shard written, so it moves while a chunk fills many small shards."""
         pos = start
         while pos < len(chunk.tokens):
             n = min(self._room(), len(chunk.tokens) - pos)
@@ -211,6 +219,9 @@ class _ShardWriter:
             pos += n
             if self._room() == 0:
                 self._flush(*chunk.position(pos))
+            if progress is not None:
+                progress.update(n)
+                progress.set_postfix(shards=len(self.state.shards), refresh=False)
 
     def finish(self, last_chunk: _Chunk | None) -> None:
         if self.fill:
@@ -343,11 +354,9 @@ def _tokenize_into_shards(source: Source, writer: _ShardWriter, workers: int, ch
             text_tokens = 0  # tokens other than the <|endoftext|> before each document
             for docs_, tokens, lengths in tokenized(chunks(docs, chunk_chars), pool, 2 * workers):
                 chunk = _Chunk(next_doc, docs_, tokens, np.cumsum(lengths))
-                writer.add(chunk, start)
+                writer.add(chunk, start, progress=bar)
                 text_tokens += len(tokens) - len(lengths)
-                bar.update(len(tokens) - start)
                 next_doc, start = next_doc + len(docs_), 0
-                bar.set_postfix(docs=next_doc, shards=len(state.shards), refresh=False)
             if resumed == 0 and text_tokens == 0:
                 _forget_shards(writer)
                 raise CorpusError(f"the input ({source.describe()['kind']}) holds no text ({next_doc} documents, all "

@@ -4,6 +4,7 @@ Shard format (llm.c / modded-nanogpt): a header of 256 little-endian int32 — m
 token count — then the tokens as uint16. build-nanogpt's plain .npy uint16 arrays are read too.
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,13 @@ def write_shard(path: str | Path, tokens) -> None:
 def read_shard(path: str | Path) -> np.ndarray:
     """Memory-map a shard's tokens (uint16, read-only) after checking its header against its size."""
     path = Path(path)
+    try:
+        return _read_shard(path)
+    except OSError as e:  # permissions, a file gone or unreadable between listing and reading
+        raise ShardError(f"shard {path} cannot be read: {e.strerror or e}") from None
+
+
+def _read_shard(path: Path) -> np.ndarray:
     if not path.is_file():
         raise ShardError(f"shard {path} does not exist")
     size = path.stat().st_size
@@ -62,11 +70,15 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
+# <prefix>_<split>_<index>.bin or .npy: the split is the last "_train_" or "_val_" in the name, so a prefix that holds
+# one of them ("my_train_data_val_000000.bin") does not make a shard of both splits.
+SHARD_NAME = re.compile(r"^(?!\.)(?P<prefix>.*)_(?P<split>train|val)_(?P<index>[^_]*)\.(bin|npy)$")
+
+
 def is_shard_name(name: str, split: str | None = None) -> bool:
     """Whether the loader reads a file of this name as a shard of `split` (of either split when None)."""
-    splits = (split,) if split else ("train", "val")
-    has_split = any(f"_{s}_" in name for s in splits)
-    return has_split and name.endswith((".bin", ".npy")) and not name.startswith(".")
+    match = SHARD_NAME.match(name)
+    return match is not None and (split is None or match["split"] == split)
 
 
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
@@ -76,7 +88,10 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
         raise ShardError(f"data directory {data_dir} is a file; expected the directory of the shards")
     if not data_dir.is_dir():
         raise ShardError(f"data directory {data_dir} does not exist")
-    shards = sorted(p for p in data_dir.iterdir() if is_shard_name(p.name, split))
+    try:
+        shards = sorted(p for p in data_dir.iterdir() if is_shard_name(p.name, split))
+    except OSError as e:
+        raise ShardError(f"data directory {data_dir} cannot be read: {e.strerror or e}") from None
     if not shards:
         raise ShardError(f"no {split} shards (*_{split}_*.bin or .npy) in {data_dir}")
     return shards

@@ -9,7 +9,7 @@ under its key, at the record's step.
 from pathlib import Path
 
 from pretrain.config import Config, to_dict
-from pretrain.errors import missing_package
+from pretrain.errors import UserError, missing_package
 from pretrain.run_dir import RunDir
 
 
@@ -46,7 +46,12 @@ class WandbTracker:
         # The run folder's name names the W&B run; without network, WANDB_MODE=offline keeps it on disk for
         # `wandb sync` later. Each start (a resume too) is a W&B run of its own, from the step it starts at, so no
         # W&B run holds a step twice.
-        self.run = wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config)
+        try:
+            self.run = wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config)
+        except wandb.errors.Error as e:  # no API key, above all
+            raise UserError(f"train.wandb_project: Weights & Biases could not start ({e}): run `wandb login` or set "
+                            "WANDB_API_KEY, or set WANDB_MODE=offline to keep the run on disk for `wandb sync`") \
+                from None
 
     def log(self, record: dict) -> None:
         self.run.log(scalars(record), step=record["step"])

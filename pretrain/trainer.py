@@ -10,17 +10,19 @@ import time
 
 import torch
 
+from model import GPT, GPTConfig
 from pretrain import checkpoint, distributed, hellaswag_scoring, parallel, shard_builder
 from pretrain.config import Config
 from pretrain.errors import UserError
 from pretrain.health import UpdateProbe
 from pretrain.hellaswag import HellaSwagData
 from pretrain.loader import ShardLoader
-from pretrain.metrics import MetricsLogger
+from pretrain.metrics import MetricsLogger, Mfu
 from pretrain.optim import set_lr
 from pretrain.run_dir import RunDir
 from pretrain.runtime import Runtime
 from pretrain.sampling import generate_text
+from pretrain.shards import ShardError
 from pretrain.sources import CorpusError
 
 
@@ -48,14 +50,56 @@ def prepare_data(cfg: Config, dist_info: distributed.DistInfo) -> None:
         raise CorpusError(error)
 
 
-def build_loaders(cfg: Config, dist_info: distributed.DistInfo) -> tuple[ShardLoader, ShardLoader | None]:
-    """This rank's training loader (shuffled as data.shuffle says) and validation loader (in file order; None when
-    validation is off)."""
+def build_loaders(cfg: Config, dist_info: distributed.DistInfo) -> tuple[ShardLoader, ShardLoader | None, list[str]]:
+    """This rank's training loader (shuffled as data.shuffle says), its validation loader (in file order; None when
+    validation is off), and lines for the log saying what each reads."""
+    if shard_builder.is_unfinished(cfg.data.dir):
+        raise ShardError(f"data.dir {cfg.data.dir} holds an unfinished fineweb.py build (its progress.json, no "
+                         "manifest.json): run the command that built it again to finish it (it continues after the "
+                         "last complete shard), or move progress.json away to train on the shards written so far")
     shape = dict(batch_size=cfg.data.micro_batch_size, seq_len=cfg.data.seq_len, rank=dist_info.rank,
                  world_size=dist_info.world_size)
-    train = ShardLoader(cfg.data.dir, "train", shuffle=cfg.data.shuffle, seed=cfg.data.seed, **shape)
-    val = ShardLoader(cfg.data.dir, "val", shuffle=False, **shape) if cfg.train.eval_interval else None
-    return train, val
+    train = ShardLoader(cfg.data.dir, "train", shuffle=cfg.data.shuffle, seed=cfg.data.seed,
+                        check_dates=cfg.data.check_shard_dates, **shape)
+    lines = [f"data: {train.describe()}"]
+    val = None
+    if cfg.train.eval_interval:
+        val = ShardLoader(cfg.data.dir, "val", shuffle=False, **shape)
+        steps = min(cfg.train.val_steps, val.whole_steps)
+        reads = f"an evaluation reads {steps} batches per rank ({steps * val.step_tokens:,} tokens)"
+        if steps < cfg.train.val_steps:
+            reads += f", all the split holds: not train.val_steps={cfg.train.val_steps}, which would read some twice"
+        lines.append(f"      {val.describe()}; {reads}")
+    return train, val, lines
+
+
+def build_model(config: GPTConfig, device: torch.device) -> GPT:
+    """The GPT of `config` on `device`, its weights drawn on the CPU (the same initial weights on any device). A model
+    that does not fit says how much it needed."""
+    try:
+        return GPT(config).to(device)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if "allocate" not in str(e) and not isinstance(e, torch.OutOfMemoryError):
+            raise
+        with torch.device("meta"):
+            n = GPT(config).num_params()
+        first_line = str(e).strip().splitlines()[0]
+        raise UserError(f"the model does not fit in memory on {device}: its {n / 1e9:.2f}B parameters need "
+                        f"{4 * n / 2**30:.1f} GiB as float32 weights, about {16 * n / 2**30:.1f} GiB with their "
+                        f"gradients and AdamW's two moments ({first_line}): choose a smaller model, or shard it over "
+                        "GPUs with train.parallel=fsdp") from None
+
+
+def describe_run(cfg: Config, model: GPT, rt: Runtime, world_size: int, accum_steps: int, peak: float | None,
+                 flops: float) -> list[str]:
+    """The lines a run starts with: the model, the precision and why, the batch arithmetic and the MFU basis."""
+    peak_text = "unknown (set train.peak_tflops)" if peak is None else f"{peak:.4g} TFLOP/s"
+    return [f"model: {model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_embd} "
+            f"wide | {rt.describe()} x {world_size}",
+            f"precision: {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason})",
+            f"batch: {cfg.data.total_batch_tokens} tokens/step = {cfg.data.micro_batch_size} x {cfg.data.seq_len} x "
+            f"{world_size} ranks x {accum_steps} accumulation steps | MFU peak {peak_text} per device, "
+            f"{flops / 1e6:.1f} MFLOP/token"]
 
 
 # ---- the step and evaluation -----------------------------------------------------------------------------------
@@ -146,10 +190,14 @@ def run_due(jobs: list[PeriodicJob], step: int) -> None:
 
 
 class ValidationLoss(PeriodicJob):
+    """The mean loss over the first train.val_steps batches of the val split (fewer when the split holds fewer:
+    a batch is never read twice)."""
+
     def __init__(self, cfg: Config, model: torch.nn.Module, loader: ShardLoader | None, rt: Runtime,
                  logger: MetricsLogger):
         super().__init__(cfg.train.eval_interval if loader is not None else 0, cfg.train.max_steps)
-        self.model, self.loader, self.steps, self.rt, self.logger = model, loader, cfg.train.val_steps, rt, logger
+        self.model, self.loader, self.rt, self.logger = model, loader, rt, logger
+        self.steps = min(cfg.train.val_steps, loader.whole_steps) if loader is not None else 0
 
     def __call__(self, step: int) -> None:
         val_loss = evaluate(self.model, self.loader, self.steps, self.rt)
@@ -201,23 +249,29 @@ class Checkpoints:
 
     def save(self, steps_done: int, tokens_seen: int):
         model_state, optimizer_state = parallel.full_state_dicts(self.model, self.optimizer)
-        path = checkpoint.save_training_state(self.run.checkpoint_path(steps_done), steps_done, tokens_seen,
-                                              model_state, optimizer_state, self.train_loader, self.config_dict,
-                                              self.rt.device)
+        failure = None
+        try:
+            path = checkpoint.save_training_state(self.run.checkpoint_path(steps_done), steps_done, tokens_seen,
+                                                  model_state, optimizer_state, self.train_loader, self.config_dict,
+                                                  self.rt.device)
+        except UserError as e:  # a full disk, say: the other ranks must stop too, not wait for rank 0
+            failure = e
+        message = distributed.first_error(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise checkpoint.CheckpointError(message)
         if distributed.is_master():
             self.run.prune_checkpoints(self.keep, newest_step=steps_done)
             self.logger.write(f"saved {path}")
         return path
 
 
-def step_record(step: int, lr: float, loss: float, grad_norm: float, seconds: float, tokens: int,
-                flops_per_token: float, peak_tflops: float | None, world_size: int) -> dict:
-    """A training step's metrics.jsonl record. MFU is per device: the model FLOPs each device did per second
-    against its peak."""
+def step_record(step: int, lr: float, loss: float, grad_norm: float, seconds: float, tokens: int, mfu: Mfu) -> dict:
+    """A training step's metrics.jsonl record."""
     tokens_per_s = tokens / seconds
-    mfu = flops_per_token * tokens_per_s / world_size / (peak_tflops * 1e12) if peak_tflops else None
     return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": seconds * 1000,
-            "tokens_per_s": tokens_per_s, "mfu": mfu}
+            "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, step)}
 
 
 class StepTimer:

@@ -72,6 +72,21 @@ def torchrun(*args: str) -> list[str]:
     return ["-m", "torch.distributed.run", *args]
 
 
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker of this rank, found through /proc (parent pid and environment)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {launcher_pid}")
+
+
 # ---- the tiny training run --------------------------------------------------------------------------------------
 
 # A tiny GPT-2 on the tiny_shards fixture: seconds per training run, float32, no compile, no samples.

@@ -2,12 +2,18 @@
 silently turned into a wrong result."""
 
 import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import on_gloo_ranks, run_script, tiny_run
+from helpers import ROOT, on_gloo_ranks, run_script, started, tiny_run, torchrun, train_args, worker_pid
 
+import export_hf
 import fineweb
 import train_gpt2
 from model import GPT, GPTConfig
@@ -239,3 +245,179 @@ def test_mfu_peak_by_exact_gpu_name(monkeypatch, name, peak):
     assert metrics.peak_tflops(torch.device("cuda", 0), torch.bfloat16) == peak
     assert metrics.peak_tflops(torch.device("cuda", 0), torch.bfloat16, configured=500.0) == 500.0
 
+
+
+# ---- files the system will not read or write ----------------------------------------------------------------------
+
+def test_a_config_in_another_encoding_is_one_line_and_a_byte_order_mark_is_fine(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[train]\nsample_prompt = "café"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config file .*latin1.toml is not UTF-8 text \(byte 28: b'\\xe9'\)"):
+        load_config(["--config", str(latin1)])
+    with_bom = tmp_path / "bom.toml"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + '[train]\nsample_prompt = "café"\n'.encode("utf-8"))
+    assert load_config(["--config", str(with_bom)]).train.sample_prompt == "café"
+
+
+def test_an_unreadable_data_folder_or_shard_is_one_line(tiny_shards, tmp_path, monkeypatch):
+    real_iterdir = type(tiny_shards).iterdir
+
+    def no_listing(path):
+        if path == tiny_shards:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+    monkeypatch.setattr(type(tiny_shards), "iterdir", no_listing)
+    with pytest.raises(UserError, match=f"^data directory {tiny_shards} cannot be read: Permission denied$"):
+        train_gpt2.main(one_step(tiny_shards, tmp_path / "run"))
+    monkeypatch.undo()
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(np, "fromfile", unreadable)  # the header read: the shard's first read
+    with pytest.raises(UserError, match=r"^shard .*tiny_train_000000.bin cannot be read: Permission denied$"):
+        train_gpt2.main(one_step(tiny_shards, tmp_path / "run"))
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_checkpoint_survives(tiny_shards, tmp_path,
+                                                                                          monkeypatch):
+    out = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def second_save_fills_the_disk(state, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"the first megabytes")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nbasic_ios::clear")
+        return real_save(state, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", second_save_fills_the_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(UserError) as failed:
+        train_gpt2.main(tiny_run(tiny_shards, out, "--train.max_steps=3", "--train.eval_interval=0",
+                                 "--train.checkpoint_interval=1"))
+    assert str(failed.value).startswith(f"cannot write checkpoint {out / 'ckpt_000002.pt'}: the disk is full (1 MiB "
+                                        "free, the checkpoint needs ")
+    assert str(failed.value).endswith("the checkpoints saved before it are intact")
+    assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt_000001.pt"]  # no partial file under any name
+    assert load_model(out)[1]["step"] == 1
+
+
+def test_an_out_dir_or_export_folder_that_cannot_be_written_is_one_line(tiny_shards, tmp_path):
+    unwritable = "/proc/self/no_such_dir/run"  # the kernel refuses to create anything there, even for root
+    with pytest.raises(UserError, match=f"^train.out_dir {unwritable} cannot be written: No such file or directory$"):
+        train_gpt2.main(one_step(tiny_shards, unwritable))
+    run = tmp_path / "run"
+    train_gpt2.main(one_step(tiny_shards, run))
+    with pytest.raises(SystemExit) as exited:
+        errors.run(export_hf.main, ["--checkpoint", str(run), "--out", "/proc/self/no_such_dir/export"])
+    assert exited.value.code == 2
+    a_file = tmp_path / "export.txt"
+    a_file.write_text("notes")
+    with pytest.raises(UserError, match=f"^--out {a_file} is a file; expected the folder to write the export into$"):
+        export_hf.main(["--checkpoint", str(run), "--out", str(a_file)])
+
+
+def test_a_model_too_large_to_allocate_says_how_much_it_needed(tiny_shards, tmp_path):
+    C = 2**20  # a 211 GB token embedding alone: the allocator refuses it at once
+    huge = [f"--model.n_embd={C}", "--model.n_head=1", "--model.n_layer=1"]
+    # embeddings (50304 + 32 positions) and ln_f, then the block: 12 C^2 weights and 13 C biases and gains
+    params = C * (50304 + 32 + 2) + 12 * C**2 + 13 * C
+    with pytest.raises(UserError) as refused:
+        train_gpt2.main(one_step(tiny_shards, tmp_path / "run", *huge))
+    assert str(refused.value).startswith(f"the model does not fit in memory on cpu: its {params / 1e9:.2f}B "
+                                         f"parameters need {4 * params / 2**30:.1f} GiB as float32 weights, about "
+                                         f"{16 * params / 2**30:.1f} GiB with their gradients and AdamW's two moments")
+    assert "can't allocate memory" in str(refused.value)
+
+
+# ---- the other programs -------------------------------------------------------------------------------------------
+
+def test_fineweb_refuses_a_shard_size_that_would_write_thousands_of_files_and_zero_workers(capsys):
+    code, _, err = build(capsys, "--shard-size", "100000")  # FineWeb-Edu sample-10BT: ~10B tokens
+    assert code == 2
+    assert err.strip() == ("error: --shard-size 100,000 would write about 100,000 shards for this input "
+                           "(~10,000,000,000 tokens): use at least 1,000,000 tokens per shard (the default is "
+                           "100,000,000)")
+    with pytest.raises(SystemExit):
+        fineweb.main(["--demo", "--workers", "0"])
+    assert "--workers must be at least 1 (default: all" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sample_py_refuses_a_temperature_that_is_not_a_number(tmp_path):
+    result = run_script("sample.py", "--model", "gpt2", "--temperature", "nan", check=False)
+    assert result.returncode == 2
+    assert "--temperature must be a number, 0 or more (0: the likeliest token), got nan" in result.stderr
+
+
+def test_a_temperature_too_small_to_divide_by_samples_the_likeliest_token():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    prompt = torch.randint(0, 64, (3, 4))
+    greedy = model.generate(prompt, 6, temperature=0)
+    tiny = model.generate(prompt, 6, temperature=1e-300, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tiny, greedy)
+
+
+@pytest.mark.slow
+def test_wandb_without_an_api_key_is_one_line(tmp_path, monkeypatch):
+    from pretrain.trackers import WandbTracker
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # online, as a user's run is
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, so no key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(UserError, match=r"^train.wandb_project: Weights & Biases could not start \(.*\): run "
+                                        r"`wandb login` or set WANDB_API_KEY, or set WANDB_MODE=offline"):
+        WandbTracker("p", tmp_path / "run", {})
+
+
+@pytest.mark.slow
+def test_a_truncated_safetensors_export_is_one_line_in_hellaswag_py(tmp_path):
+    from pretrain import hf_export
+    torch.manual_seed(0)
+    folder = hf_export.export(GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16)), tmp_path / "hf")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=f"^{folder} is not a readable Hugging Face GPT-2 folder: "):
+        load_model(folder)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"ctx": "A man", "ctx_a": "A man", "ctx_b": "", "activity_label": "Walking",
+                                "endings": ["walks.", "runs.", "sits.", "sleeps."], "label": "0"}) + "\n")
+    result = run_script("hellaswag.py", "--model", folder, "--data", rows, check=False, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {folder} is not a readable Hugging Face GPT-2 folder"), \
+        result.stderr
+
+
+# ---- under torchrun -----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_user_error_under_torchrun_is_one_line_for_the_job(tmp_path):
+    (tmp_path / "x_train_000000.npy").write_bytes(b"")
+    result = run_script(*torchrun("--standalone", "--nproc_per_node=2",
+                                  *train_args(tmp_path, tmp_path / "run", "--train.max_steps=1")),
+                        check=False, timeout=180)
+    assert result.returncode != 0
+    errors_printed = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors_printed == [f"error: shard {tmp_path / 'x_train_000000.npy'} (0 bytes) is not a readable .npy "
+                              "file: No data left in file"]
+    # torchrun's own report of the failed workers is a traceback of the launcher; none comes from our code
+    our_frames = [line for line in result.stderr.splitlines() if line.strip().startswith(f'File "{ROOT}')]
+    assert our_frames == []
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_whose_rank_is_killed_ends_within_seconds(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    command = torchrun("--standalone", "--nproc_per_node=2", *train_args(tiny_shards, out, "--train.max_steps=5000",
+                                                                         "--train.eval_interval=0"))
+    with started(*command, log=tmp_path / "log") as proc:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.05)
+        os.kill(worker_pid(proc.pid, rank=1), signal.SIGKILL)
+        killed = time.monotonic()
+        returncode = proc.wait(timeout=120)
+        assert time.monotonic() - killed < 30, "the job outlived its killed rank by more than 30 s"
+    assert returncode != 0

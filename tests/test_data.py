@@ -1,5 +1,6 @@
 """Shard format and ShardLoader: layout, validation, rank disjointness, shuffling, exact resumption, memory."""
 
+import shutil
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -7,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_script, train_args
+from helpers import read_metrics, run_script, tiny_run, train_args
 
+import train_gpt2
 from pretrain import loader as loader_module
+from pretrain.checkpoint import load_model
 from pretrain.loader import ShardLoader, document_starts
-from pretrain.shards import ShardError, read_shard, write_shard
+from pretrain.shards import ShardError, list_shards, read_shard, write_shard
 from pretrain.tokenizer import EOT_ID, N_VOCAB
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
@@ -362,8 +365,11 @@ def test_load_state_dict_rejects_changed_data(tmp_path: Path) -> None:
     write_shard(tmp_path / "tiny_train_000001.bin", np.arange(199))  # same name, one token fewer
     with pytest.raises(ValueError, match="shards .*changed"):
         ShardLoader(tmp_path, "train", 2, 8).load_state_dict(state)
-    write_shard(tmp_path / "tiny_train_000001.bin", np.arange(200))
-    ShardLoader(tmp_path, "train", 2, 8).load_state_dict(state)  # same names and sizes again: accepted
+    write_shard(tmp_path / "tiny_train_000001.bin", np.arange(200))  # same name and size, but written anew
+    with pytest.raises(ValueError, match=r"shard tiny_train_000001.bin in .* changed since the checkpoint was saved "
+                                         r"\(size 1,424 -> 1,424 bytes, modified .*check_shard_dates=false"):
+        ShardLoader(tmp_path, "train", 2, 8).load_state_dict(state)
+    ShardLoader(tmp_path, "train", 2, 8, check_dates=False).load_state_dict(state)  # names and sizes: accepted
     write_shard(tmp_path / "tiny_train_000002.bin", np.arange(200))
     with pytest.raises(ValueError, match="shards .*changed"):
         ShardLoader(tmp_path, "train", 2, 8).load_state_dict(state)
@@ -443,3 +449,56 @@ def test_training_stops_with_one_line_on_a_token_outside_gpt2(tiny_shards: Path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "tiny_train_000000.bin: token id 50300 at token offset 10 " in lines[0]
+
+
+# ---- data that is not what the run thinks ----------------------------------------------------------------------
+
+def test_a_prefix_holding_train_does_not_make_a_val_shard_a_train_shard(tmp_path: Path) -> None:
+    write_shard(tmp_path / "my_train_data_val_000000.bin", np.arange(100))
+    write_shard(tmp_path / "my_train_data_train_000000.bin", np.arange(100, 300))
+    assert [p.name for p in list_shards(tmp_path, "val")] == ["my_train_data_val_000000.bin"]
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["my_train_data_train_000000.bin"]
+
+
+def test_an_unfinished_build_is_refused_with_the_way_to_finish_it(tiny_shards: Path, tmp_path: Path) -> None:
+    for shard in tiny_shards.iterdir():
+        (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    (tmp_path / "progress.json").write_text("{}")  # what fineweb.py leaves while it builds, or when interrupted
+    with pytest.raises(ShardError, match=r"holds an unfinished fineweb.py build \(its progress.json, no "
+                                         r"manifest.json\): run the command that built it again to finish it"):
+        train_gpt2.main(tiny_run(tmp_path, tmp_path / "run", "--train.max_steps=1"))
+
+
+@pytest.mark.slow
+def test_training_says_what_it_reads_and_never_reads_a_validation_batch_twice(tiny_shards: Path, tmp_path: Path):
+    # the val split holds 8,192 tokens: 63 whole batches of 4 x 32 (the +1 of the last target), not the 100 asked
+    result = run_script(*train_args(tiny_shards, tmp_path, "--train.max_steps=1", "--train.val_steps=100"))
+    train_tokens = sum(len(read_shard(p)) for p in list_shards(tiny_shards, "train"))
+    assert f"data: train: 2 shard(s), {train_tokens:,} tokens" in result.stdout
+    assert f"(tiny_train_000000.bin .. tiny_train_000001.bin, in {tiny_shards}), documents shuffled" in result.stdout
+    assert "val: 1 shard(s), 8,192 tokens (tiny_val_000000.bin, in " in result.stdout
+    assert ("an evaluation reads 63 batches per rank (8,064 tokens), all the split holds: not train.val_steps=100, "
+            "which would read some twice") in result.stdout
+    model, _ = load_model(tmp_path)
+    loader = ShardLoader(tiny_shards, "val", 4, 32)
+    batches = [loader.next_batch() for _ in range(63)]
+    with torch.no_grad():
+        expected = sum(model(x, y)[1].item() for x, y in batches) / 63
+    final_val = [r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r][-1]
+    assert final_val == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_shard_replaced_between_a_run_and_its_resume_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    run_script(*train_args(data, tmp_path / "run", "--train.max_steps=2", "--train.eval_interval=0"))
+    shard = data / "tiny_train_000001.bin"
+    tokens = np.array(read_shard(shard))
+    write_shard(shard, tokens[::-1].copy())  # the same name, size and token count; other tokens
+    resumed = run_script(*train_args(data, tmp_path / "run", "--train.max_steps=4", "--train.eval_interval=0"),
+                         check=False)
+    assert resumed.returncode == 2
+    assert "tiny_train_000001.bin in " in resumed.stderr
+    assert "changed since the checkpoint was saved" in resumed.stderr
+    assert len(resumed.stderr.strip().splitlines()) == 1

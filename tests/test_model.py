@@ -96,10 +96,14 @@ def test_gpt2_initialisation_and_tied_head():
     assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
 
 
-def test_gpt2_124M_has_124M_parameters():
+def test_gpt2_124M_has_its_exact_parameter_count():
     with torch.device("meta"):
-        model = GPT(GPTConfig(vocab_size=50257))
-    assert round(model.num_params() / 1e6) == 124
+        padded, openai = GPT(GPTConfig()), GPT(GPTConfig(vocab_size=50257))
+    # counted by hand: the embeddings (tied head: once), 12 blocks of 4 Linears and 2 LayerNorms, the final LayerNorm
+    C, L = 768, 12
+    block = (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C) + 2 * (2 * C)
+    assert openai.num_params() == 50257 * C + 1024 * C + L * block + 2 * C == 124_439_808  # OpenAI's GPT-2
+    assert padded.num_params() == 124_439_808 + 47 * C == 124_475_904  # 47 padded rows of the vocabulary
 
 
 def test_weight_decay_only_on_matrices():
@@ -134,3 +138,44 @@ def test_generate_respects_n_vocab_and_crops_long_prompts():
     # Prompts longer than block_size are cropped to the last block_size tokens.
     long_prompt = torch.randint(0, TINY.vocab_size, (1, TINY.block_size + 5))
     assert model.generate(long_prompt, 2, top_k=5).shape == (1, TINY.block_size + 7)
+
+
+def next_token_distribution(model: GPT, prompt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) of the token after prompt, the reference the samples must follow."""
+    with torch.no_grad():
+        logits = model(prompt)[0][0, -1].double()
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def draws(model: GPT, prompt: torch.Tensor, n: int, **sampling) -> torch.Tensor:
+    """n independent next tokens after prompt (one generate call over n copies of it)."""
+    return model.generate(prompt.repeat(n, 1), 1, generator=torch.Generator().manual_seed(0), **sampling)[:, -1]
+
+
+def test_sampling_frequencies_follow_the_softmax_of_the_logits_over_the_temperature():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # a peaked distribution: a wrong temperature would show plainly
+    prompt = torch.randint(0, TINY.vocab_size, (1, 5))
+    n = 40_000
+    for temperature in (0.5, 1.0, 2.0):
+        expected = next_token_distribution(model, prompt, temperature)
+        counts = torch.bincount(draws(model, prompt, n, temperature=temperature), minlength=TINY.vocab_size)
+        observed = counts.double() / n
+        # each frequency within 5 standard deviations of its binomial expectation (plus one count)
+        bound = 5 * torch.sqrt(expected * (1 - expected) / n) + 1 / n
+        assert ((observed - expected).abs() <= bound).all(), (temperature, (observed - expected).abs().max())
+
+
+def test_top_k_samples_only_among_the_k_likeliest_and_top_k_1_is_greedy():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    prompt = torch.randint(0, TINY.vocab_size, (1, 5))
+    likeliest = next_token_distribution(model, prompt, 1.0).topk(5).indices
+    sampled = draws(model, prompt, 2000, temperature=1.5, top_k=5)
+    assert set(sampled.tolist()) <= set(likeliest.tolist())
+    assert len(set(sampled.tolist())) == 5  # and all five do occur
+    greedy = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(model.generate(prompt, 8, temperature=1.0, top_k=1,
+                                      generator=torch.Generator().manual_seed(3)), greedy)

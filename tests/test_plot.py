@@ -99,6 +99,15 @@ def test_a_folder_without_metrics_is_one_line(tmp_path):
     assert result.stderr.count("\n") == 1
 
 
+def test_an_empty_metrics_file_is_an_error_not_a_blank_figure(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # a run that stopped before its first step
+    with pytest.raises(RecordsError, match=r"metrics.jsonl holds no training or validation records yet: nothing to "
+                                           "plot"):
+        plots.read_run(tmp_path / "run")
+    assert not (tmp_path / "run" / "plot.png").exists()
+
+
 def test_a_run_killed_mid_line_still_plots_and_a_broken_line_is_named(tmp_path):
     records = write_run(tmp_path / "run", 4, 4, 128, 2048, hellaswag=False)
     metrics = tmp_path / "run" / "metrics.jsonl"

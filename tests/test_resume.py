@@ -11,14 +11,16 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_metrics, run_script, started, torchrun, train_args
+from helpers import read_metrics, run_script, started, torchrun, train_args, worker_pid
 
 from pretrain.checkpoint import load_checkpoint, load_model
+from pretrain.fileio import read_jsonl
 from pretrain.loader import ShardLoader
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -57,21 +59,6 @@ def last_trained_step(out: Path) -> int:
             if "loss" in record:
                 found = max(found, record["step"])
     return found
-
-
-def worker_pid(launcher_pid: int, rank: int) -> int:
-    """The pid of torchrun's worker of this rank, found through /proc (parent pid and environment)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if parent == launcher_pid and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    raise AssertionError(f"no worker of rank {rank} under torchrun {launcher_pid}")
 
 
 # -- one process ------------------------------------------------------------------------------------------------
@@ -123,14 +110,26 @@ def test_summary_counts_the_tokens_of_steps_before_a_resume_at_their_own_batch_s
     assert summary["tokens_seen"] == load_checkpoint(tmp_path / "ckpt_000003.pt")["tokens_seen"]
 
 
-def test_rerun_of_a_finished_run_does_nothing(one_process, tiny_shards):
-    result = run_script(*run_args(tiny_shards, one_process["split"], 6))
-    assert "already at step 6" in result.stdout
-    assert list(losses(one_process["split"])) == list(range(6))
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of a shared fixture's run folder, for a test that runs a program on it (the fixture stays as it was
+    for the other tests, whatever their order)."""
+    return Path(shutil.copytree(run, tmp_path / run.name))
 
 
-def test_model_change_on_resume_is_one_line(one_process, tiny_shards):
-    result = run_script(*run_args(tiny_shards, one_process["split"], 8, "--model.n_embd=32"), check=False)
+def test_rerun_of_a_finished_run_changes_nothing(one_process, tiny_shards, tmp_path):
+    split = copy_of(one_process["split"], tmp_path)
+    def files() -> dict:  # all but .lock, which names the run that held the folder last
+        return {p.name: p.read_bytes() for p in split.iterdir() if p.is_file() and p.name != ".lock"}
+    before = files()
+    result = run_script(*run_args(tiny_shards, split, 6))
+    assert "already at step 6 of train.max_steps=6: nothing to do" in result.stdout
+    after = files()
+    assert after == before  # the final validation record, the summary and the checkpoints are all still there
+
+
+def test_model_change_on_resume_is_one_line(one_process, tiny_shards, tmp_path):
+    split = copy_of(one_process["split"], tmp_path)
+    result = run_script(*run_args(tiny_shards, split, 8, "--model.n_embd=32"), check=False)
     assert result.returncode == 2
     assert "the model differs (model.n_embd 64 -> 32)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -279,3 +278,77 @@ def test_different_world_size_resumes_at_the_same_token(two_ranks, tiny_shards, 
     final = load_checkpoint(tmp_path / "ckpt_000008.pt")
     assert final["train_loader"]["position"] == 8 * STEP_TOKENS
     assert final["tokens_seen"] == 8 * STEP_TOKENS
+
+
+# -- nothing lost, nothing mixed ---------------------------------------------------------------------------------
+
+LONG = 400  # steps of a run that is stopped or killed long before its end
+
+
+def test_a_second_run_into_a_folder_in_use_stops_with_one_line_and_the_first_is_untouched(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    command = run_args(tiny_shards, out, LONG, "--train.eval_interval=0")
+    with started(*command, log=tmp_path / "first.log") as first:
+        wait_for(lambda: last_trained_step(out) >= 1, first)
+        second = run_script(*command, check=False, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().splitlines() == [
+            f"error: train.out_dir {out} is in use by another run (pid {first.pid} on {socket.gethostname()}, started "
+            + second.stderr.split(", started ", 1)[1].strip()]
+        assert "wait for it to end, or choose another --train.out_dir" in second.stderr
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 0
+    trained = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert trained == list(range(len(trained)))  # every step once: the second run wrote nothing
+
+
+def test_a_crash_before_the_first_checkpoint_is_rerun_by_the_same_command(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    command = run_args(tiny_shards, out, 40, "--train.eval_interval=0", "--train.health_interval=1")
+    with started(*command, log=tmp_path / "crashed.log") as crashed:
+        wait_for(lambda: last_trained_step(out) >= 2, crashed)
+        crashed.send_signal(signal.SIGKILL)  # no checkpoint yet: the first one is after the last step
+        crashed.wait()
+    first_losses = losses(out)
+    rerun = run_script(*command)
+    assert f"an earlier attempt in {out} stopped before its first checkpoint, its records ended at step" \
+        in rerun.stdout
+    assert list(losses(out)) == list(range(40))  # each step once, from step 0 again
+    assert all(losses(out)[step] == loss for step, loss in first_losses.items())  # the same run, again
+    assert [r["step"] for r in read_jsonl(out / "health.jsonl")] == list(range(40))
+
+
+def test_resume_keeps_each_step_once_in_health_and_tensorboard(tiny_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    command = run_args(tiny_shards, out, 30, "--train.eval_interval=0", "--train.health_interval=1",
+                       "--train.checkpoint_interval=10", "--train.tensorboard=true")
+    with started(*command, log=tmp_path / "killed.log") as killed:
+        wait_for(lambda: last_trained_step(out) >= 12, killed)
+        killed.send_signal(signal.SIGKILL)  # steps 10 to 12 and on were logged after the checkpoint, and will be again
+        killed.wait()
+    run_script(*command)
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(30))
+    assert [r["step"] for r in read_jsonl(out / "health.jsonl")] == list(range(30))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(30))
+
+
+def test_a_signal_during_the_final_evaluation_says_what_was_saved_and_the_rerun_finishes(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    # the final samples take seconds (a long sample from a 32-token model): the signal lands during them
+    command = run_args(tiny_shards, out, 4, "--train.sample_interval=4", "--train.sample_tokens=3000")
+    with started(*command, log=tmp_path / "stopped.log") as stopped:
+        wait_for(lambda: (out / "ckpt_000004.pt").is_file() and "val_loss" in read_metrics(out)[-1], stopped)
+        stopped.send_signal(signal.SIGTERM)
+        assert stopped.wait(timeout=120) == 0
+    text = (tmp_path / "stopped.log").read_text()
+    assert f"stopped by SIGTERM during the final evaluation: training ended and {out / 'ckpt_000004.pt'} is saved; " \
+           "run the same command again to evaluate it and write the summary" in text
+    assert not (out / "summary.json").exists()
+    rerun = run_script(*command)
+    assert "training ended at step 4, but its final evaluation did not: evaluating now" in rerun.stdout
+    assert steps_logged(out, "val_loss") == [0, 3, 4]  # the final one once
+    assert json.loads((out / "summary.json").read_text())["final_checkpoint"] == str(out / "ckpt_000004.pt")
+    assert "nothing to do" in run_script(*command).stdout  # now it has finished

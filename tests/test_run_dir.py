@@ -1,6 +1,9 @@
 """The run folder: which checkpoint a run continues from (train.resume), refusals that keep two runs apart,
 records truncated to the resumed step, stray temporary files and pruning. (End-to-end runs: test_resume.py.)"""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -23,26 +26,76 @@ def resumable_state(step: int) -> dict:
     return {**tiny_state(step), "optimizer": {}, "tokens_seen": 0, "train_loader": {}, "rng": [], "world_size": 1}
 
 
-def choose(folder, resume: str, model_config: dict) -> Start:
-    return choose_start(RunDir(folder), resume, model_config)
+def config(max_steps: int = 100, **model) -> dict:
+    """A run's whole config as a dict, with MODEL's shape (changed by `model`)."""
+    cfg = Config(model=GPTConfig(**{**MODEL, **model}))
+    cfg.train.max_steps = max_steps
+    return to_dict(cfg)
 
 
-def test_auto_resumes_from_the_newest_and_none_refuses_a_used_folder(tmp_path):
-    assert choose(tmp_path, "auto", MODEL).path is None  # nothing there: a fresh start
+def choose(folder, resume: str, run_config: dict | None = None) -> Start:
+    """choose_start as a run does, then let the folder go (as a run does when it ends)."""
+    run = RunDir(folder)
+    try:
+        return choose_start(run, resume, run_config or config())
+    finally:
+        run.release()
+
+
+def test_auto_resumes_from_the_newest_and_none_refuses_to_mix_with_checkpoints(tmp_path):
+    assert choose(tmp_path, "auto").path is None  # nothing there: a fresh start
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # and a run that stops now leaves nothing
     for step in (4, 8):
         save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
-    assert choose(tmp_path, "auto", MODEL).path == tmp_path / "ckpt_000008.pt"
-    with pytest.raises(CheckpointError, match=f"train.out_dir {tmp_path} already holds another run") as refused:
-        choose(tmp_path, "none", MODEL)
+    assert choose(tmp_path, "auto").path == tmp_path / "ckpt_000008.pt"
+    with pytest.raises(CheckpointError, match=f"train.resume=none, but train.out_dir {tmp_path} holds checkpoints "
+                                              r"\(ckpt_000004.pt, ckpt_000008.pt\)") as refused:
+        choose(tmp_path, "none")
     assert "--train.resume=auto" in str(refused.value)
     assert "another --train.out_dir" in str(refused.value)
 
 
-def test_metrics_without_a_checkpoint_are_not_overwritten_by_a_fresh_start(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 10.9}\n')
-    with pytest.raises(CheckpointError, match="found no checkpoint, and train.out_dir .* holds another run"):
-        choose(tmp_path, "auto", MODEL)
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "loss": 10.9}\n'
+def write_records_of_an_early_crash(folder, run_config: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text('{"step": 0, "loss": 10.9}\n{"step": 1, "loss": 10.5}\n')
+    (folder / "health.jsonl").write_text('{"step": 0, "grad_norm": 1.5}\n')
+    (folder / "train_config.json").write_text(json.dumps(run_config))
+    (folder / "tensorboard").mkdir()
+    (folder / "tensorboard" / "events.out.tfevents.1").write_bytes(b"stale")
+
+
+def test_the_same_run_after_a_crash_before_its_first_checkpoint_starts_again_with_nothing_stale(tmp_path):
+    write_records_of_an_early_crash(tmp_path, config())
+    start = choose(tmp_path, "auto", config())
+    assert start.path is None
+    assert start.notes == [f"an earlier attempt in {tmp_path} stopped before its first checkpoint, its records ended "
+                           "at step 1: removed its records (metrics.jsonl, health.jsonl, train_config.json, "
+                           "tensorboard), starting again from step 0"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_runs_records_are_refused_with_a_way_out_that_works(tmp_path):
+    write_records_of_an_early_crash(tmp_path, config(n_layer=2))
+    with pytest.raises(CheckpointError, match=r"holds the records of another run that stopped before its first "
+                                              r"checkpoint .*its settings differ: model.n_layer 2 -> 1\): choose "
+                                              r"another --train.out_dir, or start over in this one with "
+                                              r"--train.resume=none"):
+        choose(tmp_path, "auto", config())
+    assert (tmp_path / "metrics.jsonl").read_text().startswith('{"step": 0')  # refused: nothing touched
+    assert choose(tmp_path, "none", config()).path is None  # the way out named
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_run_into_a_held_folder_stops_and_a_released_one_is_free(tmp_path):
+    first = RunDir(tmp_path)
+    first.hold()
+    try:
+        with pytest.raises(CheckpointError, match=f"train.out_dir {tmp_path} is in use by another run "
+                                                  rf"\(pid {os.getpid()} on "):
+            choose(tmp_path, "auto")
+    finally:
+        first.release()
+    assert choose(tmp_path, "auto").path is None
 
 
 def test_corrupt_newest_falls_back_to_the_previous_and_is_kept_aside(tmp_path):
@@ -50,7 +103,7 @@ def test_corrupt_newest_falls_back_to_the_previous_and_is_kept_aside(tmp_path):
         save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
     newest = checkpoint_path(tmp_path, 8)
     newest.write_bytes(newest.read_bytes()[:1000])
-    plan = choose(tmp_path, "auto", MODEL)
+    plan = choose(tmp_path, "auto")
     assert plan.path == tmp_path / "ckpt_000004.pt"
     assert "ckpt_000008.pt is truncated or corrupt" in plan.notes[0]
     assert "fell back to the previous checkpoint" in plan.notes[0]
@@ -60,7 +113,7 @@ def test_corrupt_newest_falls_back_to_the_previous_and_is_kept_aside(tmp_path):
 
 def test_a_different_model_shape_is_named(tmp_path):
     save_checkpoint(checkpoint_path(tmp_path, 4), resumable_state(4))
-    wider = {**MODEL, "n_embd": 32, "dropout": 0.1}  # dropout is not the model's shape: only n_embd is named
+    wider = config(n_embd=32, dropout=0.1)  # dropout is not the model's shape: only n_embd is named
     with pytest.raises(CheckpointError, match=r"the model differs \(model.n_embd 16 -> 32\);"):
         choose(tmp_path, "auto", wider)
 
@@ -69,13 +122,13 @@ def test_resuming_an_older_step_into_a_folder_with_newer_checkpoints_is_refused(
     for step in (4, 8):
         save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
     with pytest.raises(CheckpointError, match=r"holds later checkpoints \(ckpt_000008.pt\)"):
-        choose(tmp_path, str(checkpoint_path(tmp_path, 4)), MODEL)
+        choose(tmp_path, str(checkpoint_path(tmp_path, 4)))
     other = tmp_path / "branch"
-    assert choose(other, str(checkpoint_path(tmp_path, 4)), MODEL).path == checkpoint_path(tmp_path, 4)
+    assert choose(other, str(checkpoint_path(tmp_path, 4))).path == checkpoint_path(tmp_path, 4)
     other.mkdir()
     (other / "metrics.jsonl").write_text('{"step": 0, "loss": 10.9}\n')
     with pytest.raises(CheckpointError, match="another folder"):
-        choose(other, str(checkpoint_path(tmp_path, 4)), MODEL)
+        choose(other, str(checkpoint_path(tmp_path, 4)))
 
 
 def test_resume_keeps_the_records_before_the_resumed_step_only(tmp_path):
@@ -85,7 +138,7 @@ def test_resume_keeps_the_records_before_the_resumed_step_only(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(records))
     health = ['{"step": 0, "grad_norm": 1.5}', '{"step": 2, "grad_norm": 0.5}', '{"step": 4, "grad_norm": 0.25}']
     (tmp_path / "health.jsonl").write_text("\n".join(health) + "\n")
-    choose(tmp_path, "auto", MODEL)
+    choose(tmp_path, "auto")
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == records[:3]
     assert (tmp_path / "health.jsonl").read_text().splitlines() == health[:1]
 
@@ -94,9 +147,9 @@ def test_stray_temp_files_are_removed_and_finished_checkpoints_kept(tmp_path):
     save_checkpoint(checkpoint_path(tmp_path, 4), resumable_state(4))
     (tmp_path / ".ckpt_000008.pt.tmp.777").write_bytes(b"partial")
     (tmp_path / ".notes.txt.tmp.1").write_text("not a checkpoint's")
-    plan = choose(tmp_path, "auto", MODEL)
+    plan = choose(tmp_path, "auto")
     assert plan.notes == ["removed .ckpt_000008.pt.tmp.777, left by a save that was killed"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.tmp.1", "ckpt_000004.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".notes.txt.tmp.1", "ckpt_000004.pt"]
 
 
 def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
@@ -110,4 +163,21 @@ def test_a_checkpoint_without_the_resume_entries_is_refused_by_name(tmp_path):
     save_checkpoint(checkpoint_path(tmp_path, 4), tiny_state(4))  # model, step and config only
     with pytest.raises(CheckpointError, match="ckpt_000004.pt cannot be resumed: it lacks optimizer, tokens_seen, "
                                               "train_loader, rng, world_size"):
-        choose(tmp_path, "auto", MODEL)
+        choose(tmp_path, "auto")
+
+
+def test_a_finished_runs_rerun_changes_nothing_and_one_stopped_in_its_final_evaluation_redoes_it(tmp_path):
+    save_checkpoint(checkpoint_path(tmp_path, 6), resumable_state(6))
+    records = '{"step": 5, "loss": 9.0}\n{"step": 6, "val_loss": 9.1}\n'
+    (tmp_path / "metrics.jsonl").write_text(records)
+    (tmp_path / "summary.json").write_text(json.dumps({"final_checkpoint": str(checkpoint_path(tmp_path, 6))}))
+    start = choose(tmp_path, "auto", config(max_steps=6))
+    assert start.has_nothing_to_do(6)
+    assert (tmp_path / "metrics.jsonl").read_text() == records  # the final records stay
+    assert choose(tmp_path, "auto", config(max_steps=4)).has_nothing_to_do(4)  # past a lowered max_steps
+    assert (tmp_path / "metrics.jsonl").read_text() == records
+
+    (tmp_path / "summary.json").unlink()  # stopped during its final evaluation: no summary
+    start = choose(tmp_path, "auto", config(max_steps=6))
+    assert start.step == 6 and not start.has_nothing_to_do(6)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 5, "loss": 9.0}\n'  # the final evaluation, redone

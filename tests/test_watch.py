@@ -15,8 +15,9 @@ from helpers import read_metrics, run_script, train_args
 
 from pretrain.config import Config
 from pretrain.errors import MissingPackage
+from pretrain.metrics import Mfu
 from pretrain.progress import Progress, step_line
-from pretrain.summary import RunSummary
+from pretrain.summary import RunSummary, summary_lines
 from pretrain.trackers import TensorBoardTracker, WandbTracker
 
 STEPS, TOKENS_PER_STEP = 12, 256
@@ -70,10 +71,10 @@ def test_summary_numbers_match_the_metrics(watched_run):
 
 
 def test_summary_takes_the_lowest_loss_and_the_highest_hellaswag():
-    summary = RunSummary(tokens_per_step=100)
+    summary = RunSummary()
     for record in ({"step": 0, "val_loss": 5.0, "hellaswag_acc_norm": 0.25},
-                   {"step": 0, "loss": 6.0, "ms": 1000.0, "mfu": 0.1},
-                   {"step": 1, "loss": 5.0, "ms": 3000.0, "mfu": 0.3},
+                   {"step": 0, "loss": 6.0, "ms": 1000.0, "tokens_per_s": 100.0, "mfu": 0.1},
+                   {"step": 1, "loss": 5.0, "ms": 3000.0, "tokens_per_s": 100 / 3, "mfu": 0.3},
                    {"step": 2, "val_loss": 4.0, "hellaswag_acc_norm": 0.31},
                    {"step": 2, "val_loss": 4.5, "hellaswag_acc_norm": 0.28}):
         summary.log(record)
@@ -185,3 +186,30 @@ def test_missing_tracker_packages_say_what_to_install(monkeypatch, tmp_path):
         TensorBoardTracker(tmp_path, resumed_step=None)
     assert Config().train.wandb_project == ""  # both off unless asked for
     assert Config().train.tensorboard is False
+
+
+def test_summary_counts_skipped_steps_and_says_when_there_was_no_evaluation():
+    summary = RunSummary()
+    summary.log({"step": 0, "loss": 6.0, "ms": 1000.0, "tokens_per_s": 100.0, "mfu": None})
+    summary.log({"step": 1, "skipped": True, "lr": 1e-3})
+    summary.log({"step": 2, "loss": 5.0, "ms": 1000.0, "tokens_per_s": 100.0, "mfu": None})
+    result = summary.result("ckpt.pt", tokens_seen=300)
+    assert (result["steps"], result["skipped_steps"]) == (3, 1)
+    lines = summary_lines(result)
+    assert lines[0].startswith("summary: 3 steps (1 skipped, not applied), 300 tokens in ")
+    assert lines[1] == "  val loss not evaluated | train loss 5.0000"
+    assert "None" not in "\n".join(lines)
+
+
+def test_mfu_is_the_flops_done_against_the_peak_and_never_above_100_percent():
+    said = []
+    mfu = Mfu(flops_per_token=6e6, peak_tflops=1.0, world_size=2, log=said.append)
+    # 100,000 tokens/s over 2 devices at 6 MFLOP each: 0.3 TFLOP/s per device against a 1 TFLOP/s peak
+    assert mfu(tokens_per_s=1e5, step=0) == pytest.approx(0.3)
+    assert said == []
+    assert mfu(tokens_per_s=5e5, step=1) is None  # 1.5 TFLOP/s per device: that peak was wrong
+    assert said == ["MFU no longer reported from step 1: that step did 1.5 TFLOP/s per device, above the peak of "
+                    "1 TFLOP/s, so that peak is wrong (measured under load?); set train.peak_tflops to this device's "
+                    "peak"]
+    assert mfu(tokens_per_s=1e5, step=2) is None  # and not again, nor said twice
+    assert len(said) == 1
