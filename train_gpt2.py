@@ -98,7 +98,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
     samples_here = master or parallel.is_sharded(model)
     jobs = [ValidationLoss(cfg, model, val_loader, rt, logger),
             HellaSwagAccuracy(cfg, model, hellaswag_data, rt, logger),
-            Samples(cfg, raw_model, rt, logger, samples_here)]
+            Samples(cfg, model, rt, logger, samples_here)]
     checkpoints = Checkpoints(cfg, run, model, optimizer, train_loader, config_dict, rt, logger)
     # health warnings go through the logger, above the progress bar
     health = HealthMonitor(raw_model, run.health, cfg.train.health_interval, cfg.optim.grad_clip, rt.autocast,

@@ -84,6 +84,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def inference_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to run forward passes with outside training (samples): compiled if training is compiled, without
+    DDP's wrapper (whose forward prepares a backward that never comes)."""
+    return model.module if isinstance(model, DDP) else model
+
+
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
     """A context for one micro-step's backward: with enabled False, gradients only accumulate locally (DDP skips
     its all-reduce, FSDP its reduce-scatter); the last micro-step of an optimizer step syncs."""

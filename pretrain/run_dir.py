@@ -59,27 +59,15 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.metrics = self.path / METRICS
+        self.health = self.path / HEALTH
+        self.summary = self.path / SUMMARY
+        self.tensorboard = self.path / TENSORBOARD
         self._lock = None  # the open .lock while this process holds the folder
         self._created = False  # whether hold() made the folder
 
     def __str__(self) -> str:
         return str(self.path)
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def health(self) -> Path:
-        return self.path / HEALTH
-
-    @property
-    def summary(self) -> Path:
-        return self.path / SUMMARY
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / TENSORBOARD
 
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.path / CONFIG, json.dumps(config, indent=2) + "\n")

@@ -216,17 +216,18 @@ class HellaSwagAccuracy(PeriodicJob):
 
 
 class Samples(PeriodicJob):
-    """Two continuations of train.sample_prompt; not at step 0 (an untrained model's samples are noise)."""
+    """Two continuations of train.sample_prompt, through the training model (compiled when training is); not at
+    step 0 (an untrained model's samples are noise)."""
 
-    def __init__(self, cfg: Config, raw_model: torch.nn.Module, rt: Runtime, logger: MetricsLogger, runs_here: bool):
+    def __init__(self, cfg: Config, model: torch.nn.Module, rt: Runtime, logger: MetricsLogger, runs_here: bool):
         super().__init__(cfg.train.sample_interval if runs_here else 0, cfg.train.max_steps)
-        self.raw_model, self.train, self.rt, self.logger = raw_model, cfg.train, rt, logger
+        self.module, self.train, self.rt, self.logger = parallel.inference_module(model), cfg.train, rt, logger
 
     def due(self, step: int) -> bool:
         return step > 0 and super().due(step)
 
     def __call__(self, step: int) -> None:
-        texts = generate_text(self.raw_model, self.train.sample_prompt, num_samples=2,
+        texts = generate_text(self.module, self.train.sample_prompt, num_samples=2,
                               max_new_tokens=self.train.sample_tokens, seed=self.train.seed, device=self.rt.device)
         for i, text in enumerate(texts):
             self.logger.write(f"--- sample {i + 1} of {len(texts)}, after {step} steps ---\n{text}")

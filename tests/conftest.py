@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import QUIET_ENV
 from helpers import free_port as _free_port
 
@@ -37,6 +38,15 @@ def quick_tests_start_no_process(request, monkeypatch):
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+
+
+@pytest.fixture(autouse=True)
+def keep_matmul_precision():
+    """train_gpt2.main sets the process-wide float32 matmul precision; later tests in this process compare at
+    float32 tolerance."""
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
 
 
 @pytest.fixture(scope="session")

@@ -28,15 +28,6 @@ def one_step(data_dir, out_dir, *extra: str) -> list[str]:
     return tiny_run(data_dir, out_dir, "--train.max_steps=1", "--train.eval_interval=0", *extra)
 
 
-@pytest.fixture(autouse=True)
-def keep_matmul_precision():
-    """train_gpt2.main sets the process-wide float32 matmul precision; later tests in this process compare at
-    float32 tolerance."""
-    precision = torch.get_float32_matmul_precision()
-    yield
-    torch.set_float32_matmul_precision(precision)
-
-
 # ---- config ---------------------------------------------------------------------------------------------------
 
 def test_every_numeric_key_declares_its_range():

@@ -14,10 +14,11 @@ from torch._dynamo.utils import counters
 
 from model import GPT, GPTConfig
 from pretrain import runtime, tokenizer
-from pretrain.config import OptimConfig
+from pretrain.config import OptimConfig, load_config
 from pretrain.loader import ShardLoader
 from pretrain.optim import build_optimizer
-from pretrain.trainer import evaluate, train_step
+from pretrain.sampling import generate_text
+from pretrain.trainer import Samples, evaluate, train_step
 
 # Big enough a vocabulary for the tiny_shards tokens; small everywhere else.
 SMALL = GPTConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
@@ -63,6 +64,16 @@ def test_clipping_bounds_the_update(tiny_shards, grad_clip):
     assert update_norm == pytest.approx(expected, rel=1e-4)
 
 
+class Lines:
+    """A stand-in for the metrics logger: keeps the lines written."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+
 class Batches:
     """The same few batches every time (a stand-in for a loader: reset and next_batch)."""
 
@@ -88,7 +99,7 @@ def test_compiled_model_trains_evaluates_and_samples_like_eager():
     The backend is aot_eager: all of torch.compile (graph capture, guards and recompiles, AOTAutograd's forward
     and backward graphs) but inductor's code generator, which costs 30-150 s per graph on 2 busy CPU cores where
     this takes a few seconds. TEST_COMPILE_BACKEND=inductor runs the same test with the default backend."""
-    config = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
+    config = GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)
     torch.manual_seed(0)
     eager = GPT(config)
     plain = copy.deepcopy(eager)
@@ -110,11 +121,13 @@ def test_compiled_model_trains_evaluates_and_samples_like_eager():
     assert counters["stats"]["unique_graphs"] > graphs  # eval mode without gradients: a graph of its own
     graphs = counters["stats"]["unique_graphs"]
 
-    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    eager.eval()
-    sampled = compiled.generate(prompt, 3, temperature=0, forward=compiled)
+    # what training samples with: its Samples job calls generate_text on the compiled module
+    samples = Samples(load_config(["--train.sample_prompt=Hello", "--train.sample_tokens=3"]), compiled, FP32_CPU,
+                      Lines(), runs_here=True)
+    assert samples.module is compiled
+    sampled = generate_text(samples.module, "Hello", num_samples=2, max_new_tokens=3, seed=1)
     assert counters["stats"]["unique_graphs"] > graphs  # sampling ran the compiled forward, not the eager one
-    assert torch.equal(sampled, eager.generate(prompt, 3, temperature=0))
+    assert sampled == generate_text(eager, "Hello", num_samples=2, max_new_tokens=3, seed=1)
 
 
 def test_tokenizer_ignores_a_tampered_tiktoken_cache(tmp_path, monkeypatch):
