@@ -357,6 +357,7 @@ def _tokenize_into_shards(source: Source, writer: _ShardWriter, workers: int, ch
                 writer.add(chunk, start, progress=bar)
                 text_tokens += len(tokens) - len(lengths)
                 next_doc, start = next_doc + len(docs_), 0
+                bar.set_postfix(docs=next_doc, shards=len(state.shards), refresh=False)
             if resumed == 0 and text_tokens == 0:
                 _forget_shards(writer)
                 raise CorpusError(f"the input ({source.describe()['kind']}) holds no text ({next_doc} documents, all "

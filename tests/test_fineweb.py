@@ -383,12 +383,12 @@ def test_interrupting_a_multi_worker_build_always_finishes(inputs, tmp_path, mon
     for attempt in range(12):
         calls = 0
 
-        def interrupted_add(self, chunk, start=0, after=attempt % 6):
+        def interrupted_add(self, chunk, start=0, progress=None, after=attempt % 6):
             nonlocal calls
             calls += 1
             if calls > after:
                 raise KeyboardInterrupt
-            add(self, chunk, start)
+            add(self, chunk, start, progress)
 
         monkeypatch.setattr(shard_builder._ShardWriter, "add", interrupted_add)
         started = time.monotonic()
