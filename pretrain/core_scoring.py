@@ -67,9 +67,10 @@ def pack(prompt: Prompt, first_candidate: int, block_size: int) -> list[Row]:
             scored_at += [t - 1 if t - 1 < shared else offset + t - 1 - shared for t in range(start, end)]
             targets += sequence[start:end]
             candidate += [first_candidate + j] * (end - start)
-        rows.append(Row(np.array(tokens, dtype=np.int32), shared, tuple(own_lengths),
-                        np.array(scored_at, dtype=np.int32), np.array(targets, dtype=np.int32),
-                        np.array(candidate, dtype=np.int32)))
+        if targets:  # candidates with nothing to score (a choice that is a prefix of the others) need no row
+            rows.append(Row(np.array(tokens, dtype=np.int32), shared, tuple(own_lengths),
+                            np.array(scored_at, dtype=np.int32), np.array(targets, dtype=np.int32),
+                            np.array(candidate, dtype=np.int32)))
     return rows
 
 

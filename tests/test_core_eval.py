@@ -253,6 +253,16 @@ def test_evaluate_core_matches_the_reference_decisions_and_restores_training_mod
         assert (scored.label, scored.count, scored.correct) == (t.label, 8, correct)
 
 
+def test_choices_with_no_tokens_of_their_own_follow_nanochats_nan_rule_end_to_end(tmp_path):
+    rows = [{"query": "Pick:", "choices": ["red", "red"], "gold": 0},  # both nan: the first wins
+            {"query": "Pick:", "choices": ["red", "red"], "gold": 1},
+            {"query": "Pick:", "choices": ["red", "red cat"], "gold": 1}]  # " red" is all common: nan first wins
+    bundle = write_bundle(tmp_path, [{"label": "dup", "icl_task_type": "multiple_choice", "num_fewshot": 0,
+                                      "rows": rows, "baseline": 50}])
+    [scored] = evaluate_core(sharp_gpt(TINY), load_core(bundle), FLOAT32).tasks
+    assert (scored.count, scored.correct) == (3, 1)
+
+
 def test_result_metrics_and_table():
     result = CoreResult((TaskScore("arc", "multiple_choice", 10, 0.25, 8, 4),
                          TaskScore("lambada", "language_modeling", 0, 0.0, 5, 1)))
