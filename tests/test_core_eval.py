@@ -95,6 +95,9 @@ def test_language_modeling_prompts_strip_contexts_and_the_prompt_without_the_con
         "Capital of Italy: Rome \n\nCapital of France:", "Capital of Italy: Rome \n\nCapital of France: Paris"]
     assert render(task("language_modeling", rows, delimiter="\nA: "), 1) == [
         "Capital of Italy:\nA:", "Capital of Italy:\nA: Rome "]
+    # stripped at both ends: an empty context leaves the delimiter's leading newline only in the prompt with it
+    assert render(task("language_modeling", [{"context": " ", "continuation": "x"}], delimiter="\nA: "), 0) == [
+        "A:", "\nA: x"]
 
 
 # ---- Scored tokens and truncation ----------------------------------------------------------------------------
