@@ -1,6 +1,6 @@
 """CORE: nanochat's rules (shuffle, few-shot draws, prompts, scored tokens, truncation, decisions, centering) against
 hand-computed answers and an independent re-derivation of its RNG use; the packed scorer against a full forward per
-candidate; bad bundles; the download, cached, locked and offline."""
+candidate; DDP, torch.compile and two ranks; bad bundles; the download, cached, locked and offline."""
 
 import dataclasses
 import http.server
@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import core_task_specs, sharp_gpt
+from torch.nn.parallel import DistributedDataParallel
 
 from model import GPTConfig
 from pretrain import core_bundle as bundles
@@ -264,6 +267,24 @@ def test_choices_with_no_tokens_of_their_own_follow_nanochats_nan_rule_end_to_en
                                       "rows": rows, "baseline": 50}])
     [scored] = evaluate_core(sharp_gpt(TINY), load_core(bundle), FLOAT32).tasks
     assert (scored.count, scored.correct) == (3, 1)
+
+
+def _rank_worker(rank: int, port: int, bundle: Path, results) -> None:
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = DistributedDataParallel(sharp_gpt(TINY).train())
+        results[rank] = (evaluate_core(model, load_core(bundle), FLOAT32, batch_size=2), model.module.training)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_a_ddp_model_give_one_process_result(core_bundle, free_port):
+    one_process = evaluate_core(sharp_gpt(TINY), load_core(core_bundle), FLOAT32)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_worker, args=(free_port, core_bundle, results), nprocs=2)
+        assert dict(results) == {0: (one_process, True), 1: (one_process, True)}
 
 
 def test_result_metrics_and_table():
