@@ -274,7 +274,11 @@ def _rank_worker(rank: int, port: int, bundle: Path, results) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = DistributedDataParallel(sharp_gpt(TINY).train())
-        results[rank] = (evaluate_core(model, load_core(bundle), FLOAT32, batch_size=2), model.module.training)
+        result = evaluate_core(model, load_core(bundle), FLOAT32, batch_size=2)
+        results[rank] = (result, model.module.training)
+        # DDP's reducer holds the process group: freed after destroy_process_group, it would end the group itself,
+        # joining gloo's worker thread while holding the GIL that thread may be waiting for (a deadlock, seen here)
+        del model
     finally:
         dist.destroy_process_group()
 
