@@ -9,7 +9,18 @@ newest checkpoint, then for each step the periodic jobs (validation, HellaSwag, 
 log line and a checkpoint when due. Each is one call into pretrain/ (the step itself is pretrain/trainer.py).
 """
 
-from pretrain import distributed, errors, hellaswag_scoring, parallel, preemption, run_dir, runtime, summary, trackers
+from pretrain import (
+    core_eval,
+    distributed,
+    errors,
+    hellaswag_scoring,
+    parallel,
+    preemption,
+    run_dir,
+    runtime,
+    summary,
+    trackers,
+)
 from pretrain.config import Config, grad_accum_steps, load_config, to_dict
 from pretrain.fileio import read_jsonl
 from pretrain.health import HealthMonitor
@@ -18,6 +29,7 @@ from pretrain.optim import build_optimizer, lr_at
 from pretrain.progress import Progress
 from pretrain.trainer import (
     Checkpoints,
+    CoreMetric,
     HellaSwagAccuracy,
     NonFiniteGuard,
     Samples,
@@ -63,6 +75,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
     prepare_data(cfg, dist_info)
     train_loader, val_loader, data_lines = build_loaders(cfg, dist_info)
     hellaswag_data = hellaswag_scoring.load_for_training(cfg.train, master)
+    core_data = core_eval.load_for_training(cfg.train, master)
 
     raw_model = build_model(cfg.model, device)
     raw_model.set_training_memory(cfg.train.loss_chunk, cfg.train.recompute_gelu)
@@ -98,6 +111,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
     samples_here = master or parallel.is_sharded(model)
     jobs = [ValidationLoss(cfg, model, val_loader, rt, logger),
             HellaSwagAccuracy(cfg, model, hellaswag_data, rt, logger),
+            CoreMetric(cfg, model, core_data, rt, logger),
             Samples(cfg, model, rt, logger, samples_here)]
     checkpoints = Checkpoints(cfg, run, model, optimizer, train_loader, config_dict, rt, logger)
     # health warnings go through the logger, above the progress bar

@@ -20,6 +20,11 @@
     sampling      prompts -> text through GPT.generate, streamed if asked
     hellaswag     HellaSwag rows (Hub or jsonl), checked and rendered in both published styles
     hellaswag_scoring  the fast HellaSwag scorer (context once, head where scored), split over ranks
+    core_bundle   the CORE eval bundle: read and checked, downloaded once (atomically, under a lock)
+    core_prompts  CORE items as scored token sequences, by nanochat's rules
+    core_scoring  the packed CORE scorer (shared prefix once, head only where scored)
+    core_eval     the CORE metric: load_core, evaluate_core
+    bpb           bits per byte of the validation tokens
     metrics       FLOPs per token, MFU and the metrics log (fanned out to trackers and the summary)
     progress      the progress bar on a terminal, plain lines in a log
     summary       the end-of-run summary (printed, and summary.json)

@@ -89,6 +89,14 @@ class TrainConfig:
     hellaswag_data: str = option("", "a local HellaSwag jsonl; \"\" means the Hugging Face dataset Rowan/hellaswag")
     hellaswag_style: str = option("completion", "completion (build-nanogpt, llm.c) or harness "
                                                 "(lm-evaluation-harness)", choices=HELLASWAG_STYLES)
+    core_interval: int = option(0, "the CORE metric (DCLM's 22 tasks, as nanochat computes it) every N steps and at "
+                                   "the last step; 0 disables", "[0, inf)")
+    core_max_per_task: int = option(500, "CORE items per task, the first N after nanochat's shuffle (nanochat's "
+                                         "training default); 0: all", "[0, inf)")
+    core_bundle: str = option("", "the unzipped CORE eval bundle (the folder holding core.yaml); \"\": downloaded "
+                                  "once into the cache (~/.cache/pretrain)")
+    val_bpb: bool = option(False, "also bits per byte of the validation tokens, beside val_loss (comparable across "
+                                  "tokenizers)")
     parallel: str = option("ddp", "over ranks: ddp (whole model per rank, fastest) or fsdp (sharded: for what ddp "
                                   "can't fit)", choices=PARALLEL_MODES)
     activation_checkpointing: bool = option(False, "recompute each block in backward: far less memory, ~1/3 more "
@@ -237,9 +245,10 @@ def validate(cfg: Config) -> None:
     if cfg.train.parallel == "fsdp" and cfg.train.health_interval:
         raise ConfigError("train.health_interval needs train.parallel=ddp: the health probe runs on rank 0 alone, "
                           "and under fsdp every forward pass needs all ranks (set train.health_interval=0)")
-    if cfg.train.parallel == "fsdp" and cfg.train.hellaswag_interval:
-        raise ConfigError("train.hellaswag_interval needs train.parallel=ddp for now (set train.hellaswag_interval=0 "
-                          "and run hellaswag.py on the checkpoints)")
+    for key in ("hellaswag_interval", "core_interval"):
+        if cfg.train.parallel == "fsdp" and getattr(cfg.train, key):
+            raise ConfigError(f"train.{key} needs train.parallel=ddp for now (set train.{key}=0 and run evaluate.py "
+                              "on the checkpoints)")
     _check_out_dir(cfg.train.out_dir)
     if not cfg.train.resume:
         raise ConfigError("train.resume is empty: expected auto, none or the path of a checkpoint")

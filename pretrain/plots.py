@@ -1,7 +1,8 @@
 """The training-curves figure of plot.py: one PNG comparing one or more runs from their metrics.jsonl.
 
-Panels: loss (train and validation) against step and against tokens seen, HellaSwag acc_norm (with OpenAI GPT-2
-124M's score when a run has that shape), learning rate, gradient norm and tokens/s. Each run keeps one colour in
+Panels: loss (train and validation) against step and against tokens seen, validation bits per byte, HellaSwag
+acc_norm and the CORE metric (each with OpenAI GPT-2 124M's score when a run has that shape), learning rate,
+gradient norm and tokens/s. Each run keeps one colour in
 every panel. matplotlib is imported only here (pyplot() and save_figure serve health_plots too) and only when a
 figure is made: training never needs it.
 """
@@ -14,12 +15,18 @@ from pretrain.errors import missing_package
 from pretrain.fileio import RecordsError, atomic_path, read_jsonl
 from pretrain.run_dir import RunDir
 
-# HellaSwag acc_norm of OpenAI's GPT-2 124M, completion style (build-nanogpt / llm.c), the line to beat.
+# OpenAI's GPT-2 124M, the lines to beat: HellaSwag acc_norm, completion style (build-nanogpt / llm.c); CORE
+# (nanochat's table)
 GPT2_124M_HELLASWAG = 0.2955
+GPT2_124M_CORE = 0.1139
 GPT2_124M_SHAPE = {"n_layer": 12, "n_head": 12, "n_embd": 768}
 
-
-PANELS = ("loss", "loss against tokens seen", "HellaSwag acc_norm", "learning rate", "gradient norm", "tokens/s")
+PANELS = ("loss", "loss against tokens seen", "validation bits per byte", "learning rate", "HellaSwag acc_norm",
+          "CORE", "gradient norm", "tokens/s")
+# the evaluation panels: their record key, the GPT-2 124M line and what turns them on
+EVALUATIONS = {"validation bits per byte": ("val_bpb", None, "train.val_bpb"),
+               "HellaSwag acc_norm": ("hellaswag_acc_norm", GPT2_124M_HELLASWAG, "train.hellaswag_interval"),
+               "CORE": ("core", GPT2_124M_CORE, "train.core_interval")}
 
 
 @dataclass
@@ -108,8 +115,8 @@ def _plot_loss(ax, run: Run, color, tokens_per_step: int | None) -> None:
 
 def build_figure(runs: list[Run]):
     """The figure (matplotlib Figure) with one axes per entry of PANELS, titled so."""
-    fig = new_figure(figsize=(16, 8.5), layout="constrained")
-    grid = fig.subplots(2, 3)
+    fig = new_figure(figsize=(20, 8.5), layout="constrained")
+    grid = fig.subplots(2, 4)
     axes = dict(zip(PANELS, grid.flat))
     for ax, title in zip(grid.flat, PANELS):
         ax.set_title(title)
@@ -123,19 +130,21 @@ def build_figure(runs: list[Run]):
         _plot_loss(axes["loss"], run, color, None)
         if run.tokens_per_step:
             _plot_loss(axes["loss against tokens seen"], run, color, run.tokens_per_step)
-        for panel, key in (("HellaSwag acc_norm", "hellaswag_acc_norm"), ("learning rate", "lr"),
-                           ("gradient norm", "grad_norm"), ("tokens/s", "tokens_per_s")):
+        for panel, key in (("learning rate", "lr"), ("gradient norm", "grad_norm"), ("tokens/s", "tokens_per_s")):
             steps, values = run.series(key)
             if steps:
-                axes[panel].plot(steps, values, color=color, marker="o" if panel.startswith("Hella") else None,
-                                 markersize=3, label=run.name)
+                axes[panel].plot(steps, values, color=color, label=run.name)
+        for panel, (key, _, _) in EVALUATIONS.items():
+            steps, values = run.series(key)
+            if steps:
+                axes[panel].plot(steps, values, color=color, marker="o", markersize=3, label=run.name)
 
-    if any(run.is_gpt2_124m for run in runs):
-        axes["HellaSwag acc_norm"].axhline(GPT2_124M_HELLASWAG, color="gray", linestyle="--",
-                                           label=f"OpenAI GPT-2 124M ({GPT2_124M_HELLASWAG})")
-    if not any(run.series("hellaswag_acc_norm")[0] for run in runs):
-        axes["HellaSwag acc_norm"].text(0.5, 0.5, "no HellaSwag evaluations", ha="center", va="center",
-                                        transform=axes["HellaSwag acc_norm"].transAxes, color="gray")
+    for panel, (key, gpt2_124m, setting) in EVALUATIONS.items():
+        if gpt2_124m is not None and any(run.is_gpt2_124m for run in runs):
+            axes[panel].axhline(gpt2_124m, color="gray", linestyle="--", label=f"OpenAI GPT-2 124M ({gpt2_124m})")
+        if not any(run.series(key)[0] for run in runs):
+            axes[panel].text(0.5, 0.5, f"not evaluated ({setting})", ha="center", va="center",
+                             transform=axes[panel].transAxes, color="gray")
     if any(run.series("grad_norm")[0] for run in runs):
         axes["gradient norm"].set_yscale("log")  # early spikes are orders of magnitude above the rest
     for ax in axes.values():

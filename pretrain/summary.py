@@ -28,6 +28,7 @@ class RunSummary:
         self.has_mfu = True
         self.val = []  # (step, val_loss)
         self.hellaswag = []  # (step, acc_norm)
+        self.core = []  # (step, CORE)
 
     def seed(self, records: list[dict], resumed_at: int) -> None:
         """The records of the attempts before a resume (metrics.jsonl, truncated to the resumed step)."""
@@ -54,6 +55,8 @@ class RunSummary:
             self.val.append((step, record["val_loss"]))
         if "hellaswag_acc_norm" in record:
             self.hellaswag.append((step, record["hellaswag_acc_norm"]))
+        if "core" in record:
+            self.core.append((step, record["core"]))
 
     def close(self) -> None:
         pass
@@ -63,6 +66,7 @@ class RunSummary:
         run's every step, before a resume too (at whatever batch size those steps had)."""
         best_val = min(self.val, key=lambda entry: entry[1], default=(None, None))
         best_hellaswag = max(self.hellaswag, key=lambda entry: entry[1], default=(None, None))
+        best_core = max(self.core, key=lambda entry: entry[1], default=(None, None))
         has_time = self.train_seconds > 0
         return {
             "steps": self.last_step + 1 if self.last_step is not None else 0,
@@ -76,6 +80,8 @@ class RunSummary:
             "best_val_loss_step": best_val[0],
             "best_hellaswag_acc_norm": best_hellaswag[1],
             "best_hellaswag_step": best_hellaswag[0],
+            "best_core": best_core[1],
+            "best_core_step": best_core[0],
             "mean_tokens_per_s": self.trained_tokens / self.train_seconds if has_time else None,
             "mean_mfu": self.mfu_seconds / self.train_seconds if has_time and self.has_mfu else None,
             "final_checkpoint": str(final_checkpoint) if final_checkpoint is not None else None,
@@ -113,6 +119,8 @@ def summary_lines(summary: dict) -> list[str]:
     if summary["best_hellaswag_acc_norm"] is not None:
         lines.append(f"  HellaSwag acc_norm {summary['best_hellaswag_acc_norm']:.4f} best "
                      f"(step {summary['best_hellaswag_step']})")
+    if summary["best_core"] is not None:
+        lines.append(f"  CORE {summary['best_core']:.4f} best (step {summary['best_core_step']})")
     lines.append(f"  final checkpoint {summary['final_checkpoint']}")
     return lines
 

@@ -12,7 +12,9 @@ import torch
 
 from model import GPT, GPTConfig
 from pretrain import checkpoint, distributed, hellaswag_scoring, parallel, shard_builder
+from pretrain.bpb import bits_per_byte
 from pretrain.config import Config
+from pretrain.core_eval import CoreData, evaluate_core
 from pretrain.errors import UserError
 from pretrain.health import UpdateProbe
 from pretrain.hellaswag import HellaSwagData
@@ -191,17 +193,22 @@ def run_due(jobs: list[PeriodicJob], step: int) -> None:
 
 class ValidationLoss(PeriodicJob):
     """The mean loss over the first train.val_steps batches of the val split (fewer when the split holds fewer:
-    a batch is never read twice)."""
+    a batch is never read twice), and with train.val_bpb the bits per byte of the same tokens."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader: ShardLoader | None, rt: Runtime,
                  logger: MetricsLogger):
         super().__init__(cfg.train.eval_interval if loader is not None else 0, cfg.train.max_steps)
         self.model, self.loader, self.rt, self.logger = model, loader, rt, logger
         self.steps = min(cfg.train.val_steps, loader.whole_steps) if loader is not None else 0
+        self.with_bpb = cfg.train.val_bpb
 
     def __call__(self, step: int) -> None:
-        val_loss = evaluate(self.model, self.loader, self.steps, self.rt)
-        self.logger.log({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
+        record = {"step": step, "val_loss": evaluate(self.model, self.loader, self.steps, self.rt)}
+        line = f"step {step:6d} | val loss {record['val_loss']:.4f}"
+        if self.with_bpb:
+            record["val_bpb"] = bits_per_byte(self.model, self.loader, self.steps * self.loader.step_tokens, self.rt)
+            line += f" | {record['val_bpb']:.4f} bits per byte"
+        self.logger.log(record, line)
 
 
 class HellaSwagAccuracy(PeriodicJob):
@@ -212,6 +219,17 @@ class HellaSwagAccuracy(PeriodicJob):
 
     def __call__(self, step: int) -> None:
         result = hellaswag_scoring.evaluate(self.model, self.data, self.rt)
+        self.logger.log({"step": step, **result.metrics()}, f"step {step:6d} | {result}")
+
+
+class CoreMetric(PeriodicJob):
+    def __init__(self, cfg: Config, model: torch.nn.Module, data: CoreData | None, rt: Runtime,
+                 logger: MetricsLogger):
+        super().__init__(cfg.train.core_interval if data is not None else 0, cfg.train.max_steps)
+        self.model, self.data, self.rt, self.logger = model, data, rt, logger
+
+    def __call__(self, step: int) -> None:
+        result = evaluate_core(self.model, self.data, self.rt)
         self.logger.log({"step": step, **result.metrics()}, f"step {step:6d} | {result}")
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET_ENV
+from helpers import QUIET_ENV, core_task_specs
 from helpers import free_port as _free_port
 
 from pretrain import tokenizer
+from pretrain.core_bundle import write_bundle
 from pretrain.shards import write_shard
 
 # No test reaches the network (Hugging Face Hub, W&B), in this process or the ones it starts.
@@ -66,3 +67,9 @@ def tiny_shards(tmp_path_factory) -> Path:
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on now, for a process group's rendezvous."""
     return _free_port()
+
+
+@pytest.fixture(scope="session")
+def core_bundle(tmp_path_factory) -> Path:
+    """A small CORE eval bundle in the real one's layout (core_task_specs)."""
+    return write_bundle(tmp_path_factory.mktemp("core_bundle") / "eval_bundle", core_task_specs())

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,9 +14,11 @@ import traceback
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from model import GPT
 from pretrain.checkpoint import checkpoint_path, save_checkpoint
 from pretrain.config import Config, to_dict
 from pretrain.fileio import read_jsonl
@@ -150,3 +153,51 @@ def on_gloo_ranks(fn, *args, world_size: int = 2) -> list:
     for rank, (how, value) in enumerate(outcomes):
         assert how == "returned", f"rank {rank} raised:\n{value}"
     return [value for _, value in outcomes]
+
+
+# ---- models and data for evaluations -----------------------------------------------------------------------------
+
+def sharp_gpt(config, seed: int = 0):
+    """A random GPT whose final LayerNorm gain is raised 20x: confident, varied per-token losses, so that scoring
+    rules (lowest loss, greedy predictions) pick different answers for different inputs."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(20)
+    return model
+
+
+CORE_WORDS = "the cat dog sat on a mat red blue big small house tree river ran fast".split()
+
+
+def core_task_specs(seed: int = 0) -> list[dict]:
+    """Small CORE tasks of every type for core_bundle.write_bundle, random words of one token each: choices that
+    share leading words, few-shot prompts long enough to be truncated at block_size 64, and language-modeling
+    continuations that repeat the context's last word (a random tied-embedding model tends to predict the token it
+    reads, so some of those come out right)."""
+    rng = random.Random(seed)
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(CORE_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    def choices(k: int) -> list[str]:
+        stem = words(1, 2) + " " if rng.random() < 0.5 else ""  # a shared first word: scored only after it
+        return [stem + words(1, 4) for _ in range(k)]
+
+    mc_zero = [{"query": words(3, 12), "choices": choices(4), "gold": rng.randrange(4)} for _ in range(12)]
+    mc_fewshot = [{"query": words(4, 14), "choices": choices(3), "gold": rng.randrange(3)} for _ in range(10)]
+    schema = [{"context_options": [words(2, 8), words(2, 8)], "continuation": words(1, 4), "gold": rng.randrange(2)}
+              for _ in range(10)]
+    lm = []
+    for _ in range(12):
+        context = words(2, 10)
+        last = context.split()[-1]
+        continuation = " ".join([last] * rng.randint(1, 2)) if rng.random() < 0.5 else words(1, 2)
+        lm.append({"context": context + rng.choice(["", " ", "\n"]), "continuation": continuation})
+    return [
+        {"label": "mc_zero", "icl_task_type": "multiple_choice", "num_fewshot": 0, "rows": mc_zero, "baseline": 25},
+        {"label": "mc_fewshot", "icl_task_type": "multiple_choice", "num_fewshot": 3, "rows": mc_fewshot,
+         "baseline": 33.3, "continuation_delimiter": "\nAnswer: "},
+        {"label": "schema", "icl_task_type": "schema", "num_fewshot": 2, "rows": schema, "baseline": 50},
+        {"label": "lm", "icl_task_type": "language_modeling", "num_fewshot": 1, "rows": lm, "baseline": 0},
+    ]

@@ -13,15 +13,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(run_dir, n_layer: int, n_head: int, n_embd: int, tokens_per_step: int, hellaswag: bool) -> list[dict]:
-    """A metrics.jsonl and train_config.json like a training run writes: a record per step, validation (and
-    HellaSwag) every 4 steps."""
+    """A metrics.jsonl and train_config.json like a training run writes: a record per step, validation with bits per
+    byte (and HellaSwag and CORE) every 4 steps."""
     records = []
     for step in range(10):
         if step % 4 == 0:
-            evaluation = {"step": step, "val_loss": 8.0 - step / 4}
+            evaluation = {"step": step, "val_loss": 8.0 - step / 4, "val_bpb": 3.0 - step / 8}
             records.append(evaluation)
             if hellaswag:
                 records.append({"step": step, "hellaswag_acc_norm": 0.25 + step / 200})
+                records.append({"step": step, "core": 0.01 + step / 100, "core_arc": 0.05})
         records.append({"step": step, "loss": 9.0 - step / 3, "lr": 1e-4 * (step + 1), "grad_norm": 2.0 / (step + 1),
                         "ms": 50.0, "tokens_per_s": 1000.0 + step, "mfu": 0.3})
     run_dir.mkdir()
@@ -72,6 +73,12 @@ def test_figure_panels_hold_each_runs_curves(tmp_path):
     assert list(hellaswag["gpt2"].get_ydata()) == [r["hellaswag_acc_norm"] for r in gpt2_records
                                                    if "hellaswag_acc_norm" in r]
     assert list(hellaswag["OpenAI GPT-2 124M (0.2955)"].get_ydata()) == [0.2955, 0.2955]
+    core = lines_by_label(axes["CORE"])
+    assert list(core["gpt2"].get_ydata()) == [r["core"] for r in gpt2_records if "core" in r]
+    assert list(core["OpenAI GPT-2 124M (0.1139)"].get_ydata()) == [0.1139, 0.1139]
+    assert "demo" not in core  # a run that was not evaluated draws nothing there
+    bpb = lines_by_label(axes["validation bits per byte"])
+    assert list(bpb["demo"].get_ydata()) == [r["val_bpb"] for r in val]
     for title, key in (("learning rate", "lr"), ("gradient norm", "grad_norm"), ("tokens/s", "tokens_per_s")):
         assert list(lines_by_label(axes[title])["gpt2"].get_ydata()) == [r[key] for r in train]
 
