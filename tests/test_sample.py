@@ -50,6 +50,15 @@ def test_streamed_text_is_what_one_generate_call_samples(untrained_run):
     assert generate_text(model, PROMPT, max_new_tokens=20, seed=4) != streamed
 
 
+def test_several_samples_show_their_progress_and_are_the_same_samples(untrained_run, capsys):
+    _, model = untrained_run
+    with_progress = generate_text(model, PROMPT, num_samples=3, max_new_tokens=12, seed=5, progress=True)
+    bar = capsys.readouterr().err
+    assert "sampling" in bar and "/12 " in bar  # a bar on stderr counts the tokens
+    assert with_progress == generate_text(model, PROMPT, num_samples=3, max_new_tokens=12, seed=5)
+    assert capsys.readouterr().err == ""  # without progress, nothing on stderr
+
+
 @pytest.mark.slow
 def test_sample_py_with_a_seed_prints_the_same_samples_as_the_generate_code(untrained_run):
     run_dir, model = untrained_run

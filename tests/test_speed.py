@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import read_metrics, run_script, train_args
+from helpers import GLOO_TIMEOUT, read_metrics, run_script, train_args
 from torch.nn import functional as F
 
 from model import GPT, MLP, ChunkedHeadLoss, GPTConfig
@@ -178,7 +178,8 @@ def test_checkpoint_of_a_compiled_ddp_model_has_the_plain_models_keys(free_port)
     GPT's own keys (not _orig_mod.*) and load_model, sample.py and hellaswag.py can read them."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1,
+                            timeout=GLOO_TIMEOUT)
     try:
         model = GPT(TINY)
         wrapped = DDP(torch.compile(model))  # compiling is lazy: nothing runs here
