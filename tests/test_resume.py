@@ -338,7 +338,7 @@ def test_resume_keeps_each_step_once_in_health_and_tensorboard(tiny_shards, tmp_
 def test_a_signal_during_the_final_evaluation_says_what_was_saved_and_the_rerun_finishes(tiny_shards, tmp_path):
     out = tmp_path / "run"
     # the final samples take seconds (a long sample from a 32-token model): the signal lands during them
-    command = run_args(tiny_shards, out, 4, "--train.sample_interval=4", "--train.sample_tokens=3000")
+    command = run_args(tiny_shards, out, 4, "--train.sample_interval=4", "--train.sample_tokens=1500")
     with started(*command, log=tmp_path / "stopped.log") as stopped:
         wait_for(lambda: (out / "ckpt_000004.pt").is_file() and "val_loss" in read_metrics(out)[-1], stopped)
         stopped.send_signal(signal.SIGTERM)
