@@ -73,11 +73,11 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
         return
 
     prepare_data(cfg, dist_info)
-    train_loader, val_loader, data_lines = build_loaders(cfg, dist_info)
+    train_loader, val_loader, data_lines = distributed.on_every_rank(build_loaders, cfg, dist_info)
     hellaswag_data = hellaswag_scoring.load_for_training(cfg.train, master)
     core_data = core_eval.load_for_training(cfg.train, master)
 
-    raw_model = build_model(cfg.model, device)
+    raw_model = distributed.on_every_rank(build_model, cfg.model, device)
     raw_model.set_training_memory(cfg.train.loss_chunk, cfg.train.recompute_gelu)
     runtime.seed_everything(cfg.train.seed + dist_info.rank)  # from here on each rank draws its own dropout masks
     model = parallel.prepare(raw_model, rt, cfg.train.parallel, cfg.train.activation_checkpointing,
@@ -117,12 +117,12 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
     # health warnings go through the logger, above the progress bar
     health = HealthMonitor(raw_model, run.health, cfg.train.health_interval, cfg.optim.grad_clip, rt.autocast,
                            enabled=master, log=logger.write)
-    nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run)
+    nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run, skipped=start.skipped)
     mfu = Mfu(flops, peak, dist_info.world_size, log=logger.write)
     try:
         with preemption.StopSignals() as signals:
             for step in range(start_step, max_steps):
-                run_due(jobs, step)
+                run_due(jobs, step, done=start.evaluated if step == start_step else ())
                 lr = lr_at(step, cfg.optim, max_steps)
                 with StepTimer() as timer, health.recording(step, train_loader) as probe:
                     loss, grad_norm = train_step(model, optimizer, train_loader, accum_steps, lr, cfg.optim.grad_clip,
@@ -136,7 +136,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
                     logger.log_step(step_record(step, lr, loss, grad_norm, timer.seconds, cfg.data.total_batch_tokens,
                                                 mfu))
                 steps_done = step + 1
-                # every rank stops after the same step; a signal in the last step finishes the run instead
+                # every rank stops after the same step; after the last one, the final evaluation asks in its turn
                 stopping = distributed.any_rank(signals.requested) and steps_done < max_steps
                 if checkpoints.due(steps_done) or stopping:
                     path = checkpoints.save(steps_done, tokens_seen)
@@ -146,15 +146,13 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
                                  f"steps: saved {path}; run the same command again to resume (train.resume=auto)")
                     return
             # Training is done and its last checkpoint saved. The final evaluation (of the model after the last
-            # step) stops at a signal between its jobs; the same command's rerun then does it.
-            for job in jobs:
-                if job.due(max_steps):
-                    job(max_steps)
-                if distributed.any_rank(signals.requested):
-                    logger.write(f"stopped by {signals.received or 'a signal to another rank'} during the final "
-                                 f"evaluation: training ended and {run.newest_checkpoint()} is saved; run the same "
-                                 "command again to evaluate it and write the summary")
-                    return
+            # step) stops at a signal before any of its jobs; the same command's rerun does the jobs left.
+            done = start.evaluated if start_step == max_steps else ()
+            if not run_due(jobs, max_steps, done, should_stop=lambda: distributed.any_rank(signals.requested)):
+                logger.write(f"stopped by {signals.received or 'a signal to another rank'} during the final "
+                             f"evaluation: training ended and {run.newest_checkpoint()} is saved; run the same "
+                             "command again to evaluate it and write the summary")
+                return
     finally:
         logger.close()
         health.close()

@@ -85,7 +85,7 @@ def measure(model: torch.nn.Module, val, tokens: int, rt: Runtime, batch_size: i
     """Bits per byte over the first `tokens` targets of val (a data directory or a val ShardLoader). seq_len
     defaults to the loader's, else the model's block_size; batch_size (rows per forward) to the loader's, else 8.
     Every rank must call it under torch.distributed. model may be wrapped in DDP or torch.compile."""
-    raw, compiled = parallel.unwrap(model), parallel.is_compiled(model)
+    raw, body = parallel.scoring_body(model, rt)
     shards, where, loader_batch, loader_seq = val_shards(val)
     T = seq_len or loader_seq or raw.config.block_size
     B = batch_size or loader_batch or 8
@@ -100,7 +100,6 @@ def measure(model: torch.nn.Module, val, tokens: int, rt: Runtime, batch_size: i
     rows = [(g * T, min(T, tokens - g * T)) for g in range(rank, -(-tokens // T), world_size)]
     full = [start for start, n in rows if n == T]
     batches = [(full[lo:lo + B], T) for lo in range(0, len(full), B)] + [([s], n) for s, n in rows if n < T]
-    body = torch.compile(raw.hidden_states, dynamic=True) if compiled else raw.hidden_states
     head_weight = raw.lm_head.weight[:min(tokenizer.N_VOCAB, raw.config.vocab_size)]
     byte_lengths = token_byte_lengths().to(rt.device)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, bytes, counted tokens

@@ -133,10 +133,7 @@ def restore_training_state(state: dict, path: Path, model: torch.nn.Module, opti
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
     for group, fresh in zip(optimizer.param_groups, fresh_groups):
         group.update(fresh)
-    try:
-        train_loader.load_state_dict(state["train_loader"])
-    except ValueError as e:
-        raise CheckpointError(f"cannot resume from {path}: {e}") from None
+    distributed.on_every_rank(_restore_loader, train_loader, state["train_loader"], path)
     # After a change of world size, ranks beyond the saved ones take a saved rank's stream: dropout masks then
     # differ from an uninterrupted run's (the data does not).
     rngs = state["rng"]
@@ -145,13 +142,25 @@ def restore_training_state(state: dict, path: Path, model: torch.nn.Module, opti
 
 # -- files -----------------------------------------------------------------------------------------------------
 
+def _restore_loader(train_loader, loader_state: dict, path: Path) -> None:
+    try:
+        train_loader.load_state_dict(loader_state)
+    except ValueError as e:  # the shards changed: on one node only, maybe
+        raise CheckpointError(f"cannot resume from {path}: {e}") from None
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+    except RuntimeError as e:
+        if "allocate" in str(e):  # a checkpoint too large for this machine's memory is not a damaged one
+            raise UserError(f"checkpoint {path} does not fit in memory here: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or holds more than tensors and plain "
+                              f"values (RuntimeError: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or holds more than tensors and plain "
                               f"values ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

@@ -245,10 +245,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.parallel == "fsdp" and cfg.train.health_interval:
         raise ConfigError("train.health_interval needs train.parallel=ddp: the health probe runs on rank 0 alone, "
                           "and under fsdp every forward pass needs all ranks (set train.health_interval=0)")
-    for key in ("hellaswag_interval", "core_interval"):
+    # HellaSwag, CORE and bits per byte score through the model's hidden_states, past the root's gather
+    for key, off in (("hellaswag_interval", "0"), ("core_interval", "0"), ("val_bpb", "false")):
         if cfg.train.parallel == "fsdp" and getattr(cfg.train, key):
-            raise ConfigError(f"train.{key} needs train.parallel=ddp for now (set train.{key}=0 and run evaluate.py "
-                              "on the checkpoints)")
+            raise ConfigError(f"train.{key} needs train.parallel=ddp for now (set train.{key}={off} and run "
+                              "evaluate.py on the checkpoints)")
     _check_out_dir(cfg.train.out_dir)
     if not cfg.train.resume:
         raise ConfigError("train.resume is empty: expected auto, none or the path of a checkpoint")

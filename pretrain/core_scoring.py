@@ -102,9 +102,7 @@ def score(model: torch.nn.Module, rows: list[Row], n_candidates: int, rt: Runtim
     """Each candidate's mean loss over its scored tokens (nan when it has none) and whether greedy decoding
     predicts every one of them. A forward holds up to batch_size rows of block_size tokens' worth (more when
     shorter). model may be wrapped in DDP or torch.compile; its train/eval mode is restored afterwards."""
-    raw, compiled = parallel.unwrap(model), parallel.is_compiled(model)
-    # dynamic: every batch has its own length; one graph serves them all instead of one compile per shape
-    body = torch.compile(raw.hidden_states, dynamic=True) if compiled else raw.hidden_states
+    raw, body = parallel.scoring_body(model, rt)
     # Only the tokenizer's ids: the padded vocabulary rows (50257 -> 50304) are never real tokens.
     head_weight = raw.lm_head.weight[:min(tokenizer.N_VOCAB, raw.config.vocab_size)]
     budget = batch_size * raw.config.block_size

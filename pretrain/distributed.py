@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -81,11 +83,35 @@ def master_decides(flag: bool) -> bool:
 def first_error(message: str | None) -> str | None:
     """Every rank's error message (None: no error) reaches every rank; returns the lowest failing rank's.
     A collective, so it also waits for every rank like a barrier."""
+    failure = _first_failure(message)
+    return None if failure is None else failure[1]
+
+
+def _first_failure(message: str | None) -> tuple[int, str] | None:
+    """(rank, message) of the lowest rank whose message is not None, on every rank; None when none failed."""
     if not dist.is_initialized():
-        return message
+        return None if message is None else (0, message)
     messages = [None] * dist.get_world_size()
     dist.all_gather_object(messages, message)
-    return next((m for m in messages if m is not None), None)
+    return next(((rank, m) for rank, m in enumerate(messages) if m is not None), None)
+
+
+def on_every_rank(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on this rank, then every rank learns whether any failed: a UserError on one rank (a shard
+    missing on one node, say) is raised on every rank, so the job stops together with one line from rank 0, and no
+    rank waits in a later collective for one that has stopped. fn must run no collective of its own."""
+    failure = None
+    try:
+        result = fn(*args, **kwargs)
+    except UserError as e:
+        failure = e
+    first = _first_failure(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if first is not None:
+        rank, message = first
+        raise UserError(f"rank {rank} (of {dist.get_world_size()}): {message}")
+    return result
 
 
 def barrier() -> None:

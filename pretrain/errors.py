@@ -6,6 +6,7 @@ into that one line. Anything else is a bug in this code and keeps its traceback.
 """
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -52,12 +53,23 @@ def _is_lost_rank(error: BaseException) -> bool:
     return dist is not None and isinstance(error, getattr(dist, "DistError", ()))
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a program as Ctrl-C does (training's loop handles both itself)
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Call main(argv) (default: the command line) and exit: 0, or main's status; 2 with one line for a
-    UserError; 0 after printing the help for --help. Under torchrun, a collective that fails because another rank
-    stopped is one line from rank 0 (that rank's own output, or torchrun's summary, says why), none from the rest."""
+    UserError; 0 after printing the help for --help; 130 with one line for Ctrl-C or SIGTERM that main did not
+    handle (training handles them in its loop, by saving). Under torchrun, a collective that fails because another
+    rank stopped is one line from rank 0 (that rank's own output, or torchrun's summary, says why), none from the
+    rest."""
+    signal.signal(signal.SIGTERM, _stop)
     try:
         status = main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        if is_reporting_rank():
+            print("stopped by a signal (Ctrl-C or SIGTERM); nothing was saved", file=sys.stderr, flush=True)
+        status = 130
     except HelpRequested as help_text:
         print(help_text)
         status = 0

@@ -130,9 +130,7 @@ def ending_losses(model: torch.nn.Module, examples: list[Example], rt: Runtime, 
                   progress: bool = False) -> torch.Tensor:
     """Summed loss over each ending's tokens, (len(examples), 4), on this process. model may be wrapped in DDP or
     torch.compile (the body then runs compiled too); its train/eval mode is restored afterwards."""
-    raw, compiled = parallel.unwrap(model), parallel.is_compiled(model)
-    # dynamic: every batch has its own length; one graph serves them all instead of one compile per shape
-    body = torch.compile(raw.hidden_states, dynamic=True, backend=rt.compile_backend) if compiled else raw.hidden_states
+    raw, body = parallel.scoring_body(model, rt)
     # Only the tokenizer's ids: the padded vocabulary rows (50257 -> 50304) are never real tokens.
     head_weight = raw.lm_head.weight[:min(tokenizer.N_VOCAB, raw.config.vocab_size)]
     packed = [pack(example, raw.config.block_size) for example in examples]

@@ -90,6 +90,16 @@ def inference_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
+def scoring_body(model: torch.nn.Module, rt: Runtime):
+    """(the plain model, the function that gives its hidden states) for the scorers that apply the head only where
+    a token is scored (HellaSwag, CORE, bits per byte): compiled, if the model is, with dynamic shapes (every batch has
+    its own length: one graph serves them all instead of one compile per shape) and the runtime's backend."""
+    raw = unwrap(model)
+    if not is_compiled(model):
+        return raw, raw.hidden_states
+    return raw, torch.compile(raw.hidden_states, dynamic=True, backend=rt.compile_backend)
+
+
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
     """A context for one micro-step's backward: with enabled False, gradients only accumulate locally (DDP skips
     its all-reduce, FSDP its reduce-scatter); the last micro-step of an optimizer step syncs."""

@@ -17,12 +17,16 @@ A run holds its folder while it trains (an flock on .lock, which the kernel drop
 crashed run leaves nothing stuck): a second run into it stops at once. Starting at step 0 in a folder that holds
 checkpoints is refused (they would be mixed with the new ones), as is resuming from a step older than checkpoints
 already there (pruning would delete the new ones). A folder that holds only the records of an attempt that stopped
-before its first checkpoint is cleared for the same command's rerun (and refused to another config). When resuming,
-every step-keyed record (metrics.jsonl, health.jsonl; TensorBoard purges its own) keeps only the records before the
-resumed step, so every step appears once; a run that already finished is left as it is. Rank 0 decides (it alone
-touches files) and loads the checkpoint once; the other ranks receive its answer or its error.
+before its first checkpoint is cleared for the same command's rerun (and refused to another config); a run started
+from another folder's checkpoint (train.resume=PATH) continues from its own checkpoints once it has some.
+When resuming, every step-keyed record (metrics.jsonl, health.jsonl; TensorBoard purges its own) keeps the records
+before the resumed step, and the evaluations at it (they measured the checkpoint's weights; the resumed run does not
+redo them), so every step appears once; a run that already finished is left as it is. Rank 0 decides (it alone
+touches files) and loads the checkpoint once; the other ranks receive its answer or its error. resume() hands the
+loaded checkpoint to pretrain.checkpoint, which puts it back in place.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -37,6 +41,7 @@ from pathlib import Path
 
 from pretrain import checkpoint, distributed
 from pretrain.checkpoint import CheckpointError
+from pretrain.errors import UserError
 from pretrain.fileio import atomic_write_text, read_jsonl, write_jsonl
 
 METRICS = "metrics.jsonl"
@@ -52,6 +57,17 @@ TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\.tmp\.\d+$")  # fileio.atomic_path's temp
 RESUME_KEYS = ("model", "optimizer", "step", "tokens_seen", "train_loader", "rng", "config", "world_size")
 # Model settings that change the parameters' shapes or meaning: a checkpoint only resumes with the same ones.
 MODEL_SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+class RunDirError(UserError):
+    """A run folder that is in use, cannot be written, or holds another run; the message says the way out."""
+
+
+def _is_evaluation(record: dict, path: Path) -> bool:
+    """An evaluation of the model after record["step"] steps (validation, HellaSwag, CORE), not a training step's
+    record or a health record (both made while training step record["step"])."""
+    is_training_step = "loss" in record or record.get("skipped")
+    return path.name == METRICS and not is_training_step
 
 
 class RunDir:
@@ -115,15 +131,19 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / LOCK, "a+")
         except OSError as e:
-            raise CheckpointError(f"train.out_dir {self} cannot be written: {e.strerror}") from None
+            raise RunDirError(f"train.out_dir {self} cannot be written: {e.strerror}") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
             lock.close()
-            raise CheckpointError(f"train.out_dir {self} is in use by another run ({holder}): wait for it to end, or "
-                                  "choose another --train.out_dir") from None
+            raise RunDirError(f"train.out_dir {self} is in use by another run ({holder}): wait for it to end, or "
+                              "choose another --train.out_dir") from None
+        except OSError as e:  # a filesystem without flock (NFS without a lock daemon, some FUSE mounts)
+            lock.close()
+            raise RunDirError(f"train.out_dir {self} is on a filesystem that cannot lock files ({e.strerror}), so "
+                              "two runs could mix in it: choose a folder on another filesystem") from None
         lock.seek(0)
         lock.truncate()
         started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -135,12 +155,13 @@ class RunDir:
         """Let the folder go; a run that stopped before writing anything leaves no folder (or lock) behind."""
         if self._lock is None:
             return
-        if [p.name for p in self.path.iterdir()] == [LOCK]:
-            (self.path / LOCK).unlink()
-            if self._created:
-                self.path.rmdir()
-        self._lock.close()  # closing drops the flock
+        self._lock.close()  # closing drops the flock (and, closed, NFS unlinks the file instead of renaming it)
         self._lock = None
+        with contextlib.suppress(OSError):  # tidying only: a folder another process wrote into stays
+            if [p.name for p in self.path.iterdir()] == [LOCK]:
+                (self.path / LOCK).unlink()
+                if self._created:
+                    self.path.rmdir()
 
     # -- records ---------------------------------------------------------------------------------------------------
 
@@ -152,12 +173,15 @@ class RunDir:
         """Delete every record an earlier attempt wrote (not its checkpoints: it has none when this is called)."""
         for name in self.records():
             path = self.path / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def last_recorded_step(self) -> int | None:
-        steps = [record["step"] for record in read_jsonl(self.metrics) if "step" in record] \
-            if self.metrics.is_file() else []
-        return max(steps, default=None)
+        if not self.metrics.is_file():
+            return None
+        return max((record["step"] for record in read_jsonl(self.metrics)), default=None)
 
     def finished_with(self, checkpoint_file: Path) -> bool:
         """Whether the run ended here with its final evaluation and summary after that checkpoint: the summary is
@@ -171,11 +195,28 @@ class RunDir:
         return ended_with is not None and Path(ended_with).name == checkpoint_file.name
 
     def truncate_records(self, step: int) -> None:
-        """Keep the records before `step` in every step-keyed file (and drop a line cut short by a crash); the
-        resumed run logs the rest."""
+        """Keep the records of what happened before a run resumed at `step` (and drop a line cut short by a crash):
+        every record of the steps before it, and the evaluations at it, which measured the very weights the
+        checkpoint of `step` holds. The resumed run logs the rest."""
         for path in (self.path / name for name in STEP_RECORDS):
             if path.is_file():
-                write_jsonl(path, [record for record in read_jsonl(path) if record.get("step", -1) < step])
+                kept = [record for record in read_jsonl(path)
+                        if record["step"] < step or (record["step"] == step and _is_evaluation(record, path))]
+                write_jsonl(path, kept)
+
+    def evaluations_at(self, step: int) -> list[str]:
+        """The keys of metrics.jsonl's evaluation records at `step` (val_loss, hellaswag_acc_norm, core, ...): a run
+        resumed at `step` does not evaluate those again."""
+        if not self.metrics.is_file():
+            return []
+        return [key for record in read_jsonl(self.metrics) if record["step"] == step
+                and _is_evaluation(record, self.metrics) for key in record if key != "step"]
+
+    def skipped_before(self, step: int) -> int:
+        """How many steps before `step` were skipped (train.skip_nonfinite counts over the whole run)."""
+        if not self.metrics.is_file():
+            return 0
+        return sum(1 for record in read_jsonl(self.metrics) if record.get("skipped") and record["step"] < step)
 
 
 # ---- where a run starts ------------------------------------------------------------------------------------------
@@ -188,6 +229,8 @@ class Start:
     state: dict | None = None  # the checkpoint's contents, loaded once by rank 0 (None on the other ranks)
     step: int = 0  # the checkpoint's step
     finished: bool = False  # the checkpoint's run ended with its final evaluation and summary
+    evaluated: list[str] = field(default_factory=list)  # record keys already evaluated at `step` (not redone)
+    skipped: int = 0  # steps skipped before `step` (train.skip_nonfinite counts over the whole run)
 
     def has_nothing_to_do(self, max_steps: int) -> bool:
         """Whether the checkpoint is past max_steps, or at it with the run's final evaluation done."""
@@ -200,8 +243,8 @@ class Start:
 
 def choose_start(run: RunDir, resume: str, config: dict) -> Start:
     """Rank 0 takes the folder (RunDir.hold), decides where the run starts and tidies the folder; every rank returns
-    the same Start (the checkpoint's contents only on rank 0) or raises the same error (CheckpointError for a
-    refusal). config: this run's whole config, as a dict."""
+    the same Start (the checkpoint's contents only on rank 0) or raises the same error (RunDirError or
+    CheckpointError for a refusal). config: this run's whole config, as a dict."""
     decided = None
     if distributed.is_master():
         try:
@@ -209,8 +252,11 @@ def choose_start(run: RunDir, resume: str, config: dict) -> Start:
             decided = _choose(run, resume, config)
         except Exception as e:  # any failure, so that the other ranks raise it too instead of waiting for rank 0
             decided = e
-    shared = decided if isinstance(decided, Exception) or decided is None else dataclasses.replace(decided, state=None)
-    shared = distributed.from_master(shared)
+    if isinstance(decided, Start):
+        decided_without_state = dataclasses.replace(decided, state=None)  # the checkpoint stays on rank 0
+    else:
+        decided_without_state = decided  # an error, or None on the other ranks
+    shared = distributed.from_master(decided_without_state)
     if isinstance(shared, Exception):
         raise shared
     return decided if distributed.is_master() else shared
@@ -218,16 +264,28 @@ def choose_start(run: RunDir, resume: str, config: dict) -> Start:
 
 def _choose(run: RunDir, resume: str, config: dict) -> Start:
     notes = [f"removed {p.name}, left by a save that was killed" for p in run.remove_stray_temp_files()]
-    if resume in ("auto", "none") and not run.checkpoints():
-        notes += _clear_an_attempt_without_checkpoints(run, resume, config)
-        return Start(None, notes)
-    if resume == "none":
-        raise CheckpointError(f"train.resume=none, but train.out_dir {run} holds checkpoints "
-                              f"({', '.join(p.name for p in run.checkpoints()[-3:])}) that a run from step 0 would "
-                              "mix with its own: continue that run with --train.resume=auto, or choose another "
-                              "--train.out_dir")
+    started_elsewhere = resume not in ("auto", "none")
+    if not run.checkpoints():
+        if resume in ("auto", "none") or _is_an_earlier_attempt(run, config):
+            notes += _clear_an_attempt_without_checkpoints(run, resume, config)
+        if resume in ("auto", "none"):
+            return Start(None, notes)
+    elif resume == "none":
+        raise RunDirError(f"train.resume=none, but train.out_dir {run} holds checkpoints "
+                          f"({', '.join(p.name for p in run.checkpoints()[-3:])}) that a run from step 0 would mix "
+                          "with its own: continue that run with --train.resume=auto, or choose another "
+                          "--train.out_dir")
     source = run.path if resume == "auto" else Path(resume)
-    if source.is_dir():
+    source_folder = source if source.is_dir() else source.parent
+    if started_elsewhere and run.checkpoints() and source_folder.resolve() != run.path.resolve():
+        # this folder's own checkpoints, if this same command wrote them: the branch goes on from its newest
+        path, state = _newest_readable(run, notes)
+        if state["config"].get("train", {}).get("resume") != resume:
+            raise RunDirError(f"resuming from {source} (another folder), but train.out_dir {run} already holds "
+                              f"another run's checkpoints ({path.name}): choose another --train.out_dir, or "
+                              "continue that run with --train.resume=auto")
+        notes.append(f"continuing this run's own checkpoints (it started from {source})")
+    elif source.is_dir():
         path, state = _newest_readable(RunDir(source), notes)
     else:
         path, state = source, checkpoint.load_checkpoint(source)  # a clear error now, not on every rank later
@@ -242,42 +300,57 @@ def _choose(run: RunDir, resume: str, config: dict) -> Start:
     if path.parent.resolve() != run.path.resolve():
         _refuse_if_taken(run, f"resuming from {path} (another folder), but")
     _refuse_newer(run, path, state["step"])
-    # the records that the resumed steps, or a finished run's missing final evaluation, will write again; a run
-    # that has nothing left to do keeps its records as they are
     step, max_steps = state["step"], config["train"]["max_steps"]
     finished = run.finished_with(path)
-    if step < max_steps or (step == max_steps and not finished):
-        run.truncate_records(step)
-    return Start(path, notes, state, step, finished)
+    has_work_left = step < max_steps or (step == max_steps and not finished)
+    if has_work_left:
+        run.truncate_records(step)  # a run with nothing left to do keeps its records as they are
+    return Start(path, notes, state, step, finished, run.evaluations_at(step), run.skipped_before(step))
+
+
+def _is_an_earlier_attempt(run: RunDir, config: dict) -> bool:
+    """Whether the records in a folder without checkpoints are an earlier attempt of this same run (its config,
+    train.resume=PATH included): a rerun clears them."""
+    earlier = run.read_config()
+    return bool(run.records()) and bool(earlier) and not _differences(earlier, config)
+
+
+def _differences(earlier: dict, config: dict) -> list[str]:
+    """The settings of an earlier attempt (its train_config.json) that this run changes."""
+    return changed_settings(earlier, config) if earlier else []
 
 
 def _clear_an_attempt_without_checkpoints(run: RunDir, resume: str, config: dict) -> list[str]:
     """A folder without checkpoints that holds records: an attempt that stopped before its first checkpoint. The
-    same run (config) starts again from step 0, and so does any run with train.resume=none; another config is
-    refused, so that a different run's records are not lost by accident."""
+    same run (config) starts again, and so does any run with train.resume=none; another config is refused, so that
+    a different run's records are not lost by accident."""
     records = run.records()
     if not records:
         return []
-    if resume == "auto":
-        earlier = run.read_config()
-        differences = [change for change in changed_settings(earlier, config) if not change.startswith("train.resume")]
-        if earlier and differences:
-            raise CheckpointError(f"train.out_dir {run} holds the records of another run that stopped before its first "
-                                  f"checkpoint ({', '.join(records)}; its settings differ: "
-                                  f"{', '.join(differences[:3])}): choose another --train.out_dir, or start over in "
-                                  "this one with --train.resume=none, which deletes those records")
+    differences = [change for change in _differences(run.read_config(), config)
+                   if not change.startswith("train.resume")]
+    if resume != "none" and differences:
+        raise RunDirError(f"train.out_dir {run} holds the records of another run that stopped before its first "
+                          f"checkpoint ({', '.join(records)}; its settings differ: {', '.join(differences[:3])}): "
+                          "choose another --train.out_dir, or start over in this one with --train.resume=none, which "
+                          "deletes those records")
     last = run.last_recorded_step()
     run.clear_records()
     ended = f", its records ended at step {last}" if last is not None else ""
+    again = "from step 0" if resume in ("auto", "none") else f"from {resume}"
     return [f"an earlier attempt in {run} stopped before its first checkpoint{ended}: removed its records "
-            f"({', '.join(records)}), starting again from step 0"]
+            f"({', '.join(records)}), starting again {again}"]
 
 
 def _refuse_if_taken(run: RunDir, why: str) -> None:
-    taken = [p.name for p in run.checkpoints()] + run.records()
-    if taken:
-        raise CheckpointError(f"{why} train.out_dir {run} already holds another run ({', '.join(taken[-3:])}): "
-                              "choose another --train.out_dir, or continue that run with --train.resume=auto")
+    checkpoints = [p.name for p in run.checkpoints()]
+    records = run.records()
+    if checkpoints:
+        raise RunDirError(f"{why} train.out_dir {run} already holds another run ({', '.join(checkpoints[-3:])}): "
+                          "choose another --train.out_dir, or continue that run with --train.resume=auto")
+    if records:
+        raise RunDirError(f"{why} train.out_dir {run} holds the records of another run ({', '.join(records)}): choose "
+                          "another --train.out_dir, or delete them")
 
 
 def _newest_readable(run: RunDir, notes: list[str]) -> tuple[Path, dict]:
@@ -300,9 +373,9 @@ def _newest_readable(run: RunDir, notes: list[str]) -> tuple[Path, dict]:
 def _refuse_newer(run: RunDir, path: Path, step: int) -> None:
     newer = [p.name for p in run.checkpoints() if checkpoint.checkpoint_step(p) > step]
     if newer:
-        raise CheckpointError(f"resuming from {path} (step {step}) into {run}, which holds later checkpoints "
-                              f"({', '.join(newer)}) that pruning would mix with the new ones: resume into another "
-                              "--train.out_dir, or move them away")
+        raise RunDirError(f"resuming from {path} (step {step}) into {run}, which holds later checkpoints "
+                          f"({', '.join(newer)}) that pruning would mix with the new ones: resume into another "
+                          "--train.out_dir, or move them away")
 
 
 def model_differences(saved_config: dict, model_config: dict) -> list[str]:
@@ -328,7 +401,8 @@ def resume(start: Start, config: dict, model, optimizer, train_loader, rank: int
            device) -> tuple[int, int, list[str]]:
     """Load start's checkpoint into the model, optimizer, loader and RNGs. Returns (step, tokens seen, lines for
     the log)."""
-    state = start.load()
+    state = distributed.on_every_rank(start.load)  # a checkpoint one node cannot read stops every rank
+    start.state = None  # rank 0's copy (weights and optimizer moments) is not kept for the whole run
     checkpoint.restore_training_state(state, start.path, model, optimizer, train_loader, rank, device)
     step, tokens_seen = state["step"], state["tokens_seen"]
     lines = [f"resuming from {start.path}: step {step}, {tokens_seen:,} tokens seen"]

@@ -70,9 +70,9 @@ def _read_shard(path: Path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
-# <prefix>_<split>_<index>.bin or .npy: the split is the last "_train_" or "_val_" in the name, so a prefix that holds
-# one of them ("my_train_data_val_000000.bin") does not make a shard of both splits.
-SHARD_NAME = re.compile(r"^(?!\.)(?P<prefix>.*)_(?P<split>train|val)_(?P<index>[^_]*)\.(bin|npy)$")
+# *_<split>_*.bin or .npy: the split is the last "_train_" or "_val_" in the name (the prefix matches greedily), so a
+# prefix that holds one of them ("my_train_data_val_000000.bin") does not make a shard of both splits.
+SHARD_NAME = re.compile(r"^(?!\.)(?P<prefix>.*)_(?P<split>train|val)_(?P<rest>.*)\.(bin|npy)$")
 
 
 def is_shard_name(name: str, split: str | None = None) -> bool:

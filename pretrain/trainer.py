@@ -67,6 +67,10 @@ def build_loaders(cfg: Config, dist_info: distributed.DistInfo) -> tuple[ShardLo
     val = None
     if cfg.train.eval_interval:
         val = ShardLoader(cfg.data.dir, "val", shuffle=False, **shape)
+        if val.whole_steps == 0:
+            raise ShardError(f"the val split of {cfg.data.dir} holds {val.epoch_tokens:,} tokens, fewer than one "
+                             f"validation batch over all ranks needs ({val.step_tokens + 1:,}: data.micro_batch_size x "
+                             "data.seq_len x world size, +1): add validation data, or set train.eval_interval=0")
         steps = min(cfg.train.val_steps, val.whole_steps)
         reads = f"an evaluation reads {steps} batches per rank ({steps * val.step_tokens:,} tokens)"
         if steps < cfg.train.val_steps:
@@ -153,8 +157,8 @@ class NonFiniteGuard:
     """Stops training at a step whose loss or gradient norm is not finite (train_step has not applied it), after
     letting `allowed` such steps be skipped."""
 
-    def __init__(self, allowed: int, run: RunDir):
-        self.allowed, self.skipped, self.run = allowed, 0, run
+    def __init__(self, allowed: int, run: RunDir, skipped: int = 0):
+        self.allowed, self.skipped, self.run = allowed, skipped, run  # skipped: before a resume, too
 
     def should_skip(self, step: int, loss: float, grad_norm: float) -> bool:
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -172,7 +176,10 @@ class NonFiniteGuard:
 # ---- periodic jobs ---------------------------------------------------------------------------------------------
 
 class PeriodicJob:
-    """Runs on the model after `step` optimizer steps, every `interval` steps and after the last one."""
+    """Runs on the model after `step` optimizer steps, every `interval` steps and after the last one. `key` is the
+    metrics.jsonl key it logs (None: it logs none), by which a resumed run knows it already ran at its first step."""
+
+    key: str | None = None
 
     def __init__(self, interval: int, max_steps: int):
         self.interval, self.max_steps = interval, max_steps
@@ -184,16 +191,24 @@ class PeriodicJob:
         raise NotImplementedError
 
 
-def run_due(jobs: list[PeriodicJob], step: int) -> None:
-    """Run, in order, the jobs due after `step` optimizer steps."""
+def run_due(jobs: list[PeriodicJob], step: int, done: list[str] = (), should_stop=None) -> bool:
+    """Run, in order, the jobs due after `step` optimizer steps, but those whose record is in `done` (logged before
+    a resume). With should_stop, it is asked before each job, and a True stops there: returns False then, True when
+    every due job ran."""
     for job in jobs:
-        if job.due(step):
+        if should_stop is not None and should_stop():
+            return False
+        already_logged = job.key is not None and job.key in done
+        if job.due(step) and not already_logged:
             job(step)
+    return True
 
 
 class ValidationLoss(PeriodicJob):
     """The mean loss over the first train.val_steps batches of the val split (fewer when the split holds fewer:
     a batch is never read twice), and with train.val_bpb the bits per byte of the same tokens."""
+
+    key = "val_loss"
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader: ShardLoader | None, rt: Runtime,
                  logger: MetricsLogger):
@@ -212,6 +227,10 @@ class ValidationLoss(PeriodicJob):
 
 
 class HellaSwagAccuracy(PeriodicJob):
+    """HellaSwag acc and acc_norm (train.hellaswag_style) on the examples loaded at startup, each rank its share."""
+
+    key = "hellaswag_acc_norm"
+
     def __init__(self, cfg: Config, model: torch.nn.Module, data: HellaSwagData | None, rt: Runtime,
                  logger: MetricsLogger):
         super().__init__(cfg.train.hellaswag_interval if data is not None else 0, cfg.train.max_steps)
@@ -223,6 +242,10 @@ class HellaSwagAccuracy(PeriodicJob):
 
 
 class CoreMetric(PeriodicJob):
+    """The CORE metric on the tasks loaded at startup (train.core_max_per_task items each), each rank its share."""
+
+    key = "core"
+
     def __init__(self, cfg: Config, model: torch.nn.Module, data: CoreData | None, rt: Runtime,
                  logger: MetricsLogger):
         super().__init__(cfg.train.core_interval if data is not None else 0, cfg.train.max_steps)
@@ -251,20 +274,20 @@ class Samples(PeriodicJob):
             self.logger.write(f"--- sample {i + 1} of {len(texts)}, after {step} steps ---\n{text}")
 
 
-class Checkpoints:
-    """Saves the training state every train.checkpoint_interval steps, after the last step and when a run stops
-    early; keeps the newest train.keep_checkpoints. Every rank calls save (RNG states are gathered, FSDP gathers
-    the shards); rank 0 writes."""
+class Checkpoints(PeriodicJob):
+    """Saves the training state every train.checkpoint_interval steps, after the last step (also when the interval
+    is 0) and when a run stops early; keeps the newest train.keep_checkpoints. Every rank calls save (RNG states are
+    gathered, FSDP gathers the shards); rank 0 writes."""
 
     def __init__(self, cfg: Config, run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  train_loader: ShardLoader, config_dict: dict, rt: Runtime, logger: MetricsLogger):
-        self.interval, self.keep, self.max_steps = (cfg.train.checkpoint_interval, cfg.train.keep_checkpoints,
-                                                    cfg.train.max_steps)
+        super().__init__(cfg.train.checkpoint_interval, cfg.train.max_steps)
+        self.keep = cfg.train.keep_checkpoints
         self.run, self.model, self.optimizer, self.train_loader = run, model, optimizer, train_loader
         self.config_dict, self.rt, self.logger = config_dict, rt, logger
 
     def due(self, steps_done: int) -> bool:
-        return steps_done == self.max_steps or (self.interval > 0 and steps_done % self.interval == 0)
+        return steps_done == self.max_steps or super().due(steps_done)
 
     def save(self, steps_done: int, tokens_seen: int):
         model_state, optimizer_state = parallel.full_state_dicts(self.model, self.optimizer)

@@ -103,3 +103,22 @@ def test_two_gloo_ranks_give_one_process_figure(tiny_shards):
     rank0, rank1 = on_gloo_ranks(_bits_per_byte, tiny_shards)
     assert rank0 == pytest.approx(one_process, rel=1e-9)
     assert rank1 == rank0
+
+
+@pytest.mark.slow
+def test_the_scorers_compile_with_the_runtimes_backend(tiny_shards, monkeypatch):
+    """bits per byte, HellaSwag and CORE score through hidden_states compiled as training's model is compiled: with
+    train.compile_backend (aot_eager where inductor cannot build kernels), not inductor regardless."""
+    compiled_with = []
+    real_compile = torch.compile
+
+    def spy(fn, **options):
+        compiled_with.append(options.get("backend"))
+        return real_compile(fn, **options)
+    monkeypatch.setattr(torch, "compile", spy)
+    rt = runtime.Runtime(torch.device("cpu"), torch.float32, compile=True, compile_backend="aot_eager")
+    model = rt.maybe_compile(sharp_gpt(TINY))
+    compiled = measure(model, tiny_shards, 32 * 3, rt, batch_size=2).bpb
+    assert compiled_with == ["aot_eager", "aot_eager"]  # the model, then the scorer's hidden_states
+    assert compiled == pytest.approx(measure(sharp_gpt(TINY), tiny_shards, 32 * 3, FLOAT32, batch_size=2).bpb,
+                                     rel=1e-5)

@@ -11,11 +11,14 @@ import torch
 from helpers import read_metrics, run_script, tiny_run, train_args
 
 import train_gpt2
+from pretrain import distributed
 from pretrain import loader as loader_module
 from pretrain.checkpoint import load_model
+from pretrain.config import load_config
 from pretrain.loader import ShardLoader, document_starts
 from pretrain.shards import ShardError, list_shards, read_shard, write_shard
 from pretrain.tokenizer import EOT_ID, N_VOCAB
+from pretrain.trainer import build_loaders
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
@@ -502,3 +505,16 @@ def test_a_shard_replaced_between_a_run_and_its_resume_is_refused(tiny_shards: P
     assert "tiny_train_000001.bin in " in resumed.stderr
     assert "changed since the checkpoint was saved" in resumed.stderr
     assert len(resumed.stderr.strip().splitlines()) == 1
+
+
+def test_a_val_split_smaller_than_one_step_over_all_ranks_is_refused(tmp_path: Path) -> None:
+    make_split(tmp_path, [5000])  # train
+    write_shard(tmp_path / "tiny_val_000000.bin", np.arange(200))  # one rank's 4 x 32 (+1) fits, two ranks' do not
+    cfg = load_config(["--data.seq_len=32", "--data.micro_batch_size=4", f"--data.dir={tmp_path}",
+                       "--model.block_size=32"])
+    two_ranks = distributed.DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    with pytest.raises(ShardError, match=rf"the val split of {tmp_path} holds 200 tokens, fewer than one validation "
+                                         r"batch over all ranks needs \(257: .*set train.eval_interval=0"):
+        build_loaders(cfg, two_ranks)
+    one_rank = distributed.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    assert build_loaders(cfg, one_rank)[1].whole_steps == 1

@@ -9,6 +9,7 @@ max_steps=N/2 can be continued with max_steps=N.
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -335,20 +336,59 @@ def test_resume_keeps_each_step_once_in_health_and_tensorboard(tiny_shards, tmp_
     assert [e.step for e in events.Scalars("loss")] == list(range(30))
 
 
+def short_hellaswag_rows(n: int) -> list[dict]:
+    """n HellaSwag rows short enough for a 32-token model: a 6-word context, 3-word endings."""
+    words = "the man woman then ball car floor wall cake table chair door game water hand".split()
+    rng = random.Random(0)
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(k))
+    rows = []
+    for _ in range(n):
+        context = text(6)
+        rows.append({"activity_label": "Synthetic", "ctx_a": context, "ctx_b": "", "ctx": context,
+                     "endings": [text(3) for _ in range(4)], "label": rng.randrange(4)})
+    return rows
+
+
 def test_a_signal_during_the_final_evaluation_says_what_was_saved_and_the_rerun_finishes(tiny_shards, tmp_path):
-    out = tmp_path / "run"
-    # the final samples take seconds (a long sample from a 32-token model): the signal lands during them
-    command = run_args(tiny_shards, out, 4, "--train.sample_interval=4", "--train.sample_tokens=1500")
+    """The final evaluation runs validation, then HellaSwag (long here: 600 examples), then samples. A SIGTERM during
+    HellaSwag stops the run before the samples, with a line saying what was saved; the rerun does what is left
+    (the samples), not what was done, and writes the summary."""
+    out, rows = tmp_path / "run", tmp_path / "hellaswag.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in short_hellaswag_rows(600)))
+    command = run_args(tiny_shards, out, 4, "--train.hellaswag_interval=4", f"--train.hellaswag_data={rows}",
+                       "--train.sample_interval=4", "--train.sample_tokens=8")
     with started(*command, log=tmp_path / "stopped.log") as stopped:
         wait_for(lambda: (out / "ckpt_000004.pt").is_file() and "val_loss" in read_metrics(out)[-1], stopped)
-        stopped.send_signal(signal.SIGTERM)
-        assert stopped.wait(timeout=120) == 0
+        stopped.send_signal(signal.SIGTERM)  # while HellaSwag scores its 600 examples
+        assert stopped.wait(timeout=300) == 0
     text = (tmp_path / "stopped.log").read_text()
     assert f"stopped by SIGTERM during the final evaluation: training ended and {out / 'ckpt_000004.pt'} is saved; " \
            "run the same command again to evaluate it and write the summary" in text
+    assert "--- sample" not in text.split("stopped by SIGTERM")[0].split("| hellaswag")[-1]  # no samples after it
     assert not (out / "summary.json").exists()
-    rerun = run_script(*command)
+    rerun = run_script(*command, timeout=300)
     assert "training ended at step 4, but its final evaluation did not: evaluating now" in rerun.stdout
+    assert "| val loss" not in rerun.stdout and "| hellaswag" not in rerun.stdout  # done before, not redone
+    assert "--- sample 1 of 2, after 4 steps ---" in rerun.stdout  # what was left
     assert steps_logged(out, "val_loss") == [0, 3, 4]  # the final one once
+    assert steps_logged(out, "hellaswag_acc_norm") == [0, 4]
     assert json.loads((out / "summary.json").read_text())["final_checkpoint"] == str(out / "ckpt_000004.pt")
     assert "nothing to do" in run_script(*command).stdout  # now it has finished
+
+
+def test_a_signal_before_training_starts_is_one_line(tmp_path):
+    """SIGTERM while the run builds the demo corpus (before the loop that saves on a signal): one line, no
+    traceback, exit 130; the rerun builds and trains as if nothing had happened."""
+    data, out = tmp_path / "demo", tmp_path / "run"
+    command = train_args(data, out, "--data.demo=true", "--train.max_steps=1", "--train.eval_interval=0")
+    with started(*command, log=tmp_path / "log") as proc:
+        wait_for(lambda: "building the demo corpus" in (tmp_path / "log").read_text(), proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    text = (tmp_path / "log").read_text()
+    assert "stopped by a signal (Ctrl-C or SIGTERM); nothing was saved" in text
+    assert "Traceback" not in text
+    run_script(*command, timeout=300)
+    assert list(losses(out)) == [0]

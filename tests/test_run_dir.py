@@ -10,7 +10,7 @@ import torch
 from model import GPT, GPTConfig
 from pretrain.checkpoint import CheckpointError, checkpoint_path, find_latest, save_checkpoint
 from pretrain.config import Config, to_dict
-from pretrain.run_dir import RunDir, Start, choose_start
+from pretrain.run_dir import RunDir, RunDirError, Start, choose_start
 
 MODEL = to_dict(Config(model=GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))["model"]
 
@@ -48,7 +48,7 @@ def test_auto_resumes_from_the_newest_and_none_refuses_to_mix_with_checkpoints(t
     for step in (4, 8):
         save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
     assert choose(tmp_path, "auto").path == tmp_path / "ckpt_000008.pt"
-    with pytest.raises(CheckpointError, match=f"train.resume=none, but train.out_dir {tmp_path} holds checkpoints "
+    with pytest.raises(RunDirError, match=f"train.resume=none, but train.out_dir {tmp_path} holds checkpoints "
                                               r"\(ckpt_000004.pt, ckpt_000008.pt\)") as refused:
         choose(tmp_path, "none")
     assert "--train.resume=auto" in str(refused.value)
@@ -76,7 +76,7 @@ def test_the_same_run_after_a_crash_before_its_first_checkpoint_starts_again_wit
 
 def test_another_runs_records_are_refused_with_a_way_out_that_works(tmp_path):
     write_records_of_an_early_crash(tmp_path, config(n_layer=2))
-    with pytest.raises(CheckpointError, match=r"holds the records of another run that stopped before its first "
+    with pytest.raises(RunDirError, match=r"holds the records of another run that stopped before its first "
                                               r"checkpoint .*its settings differ: model.n_layer 2 -> 1\): choose "
                                               r"another --train.out_dir, or start over in this one with "
                                               r"--train.resume=none"):
@@ -90,7 +90,7 @@ def test_a_second_run_into_a_held_folder_stops_and_a_released_one_is_free(tmp_pa
     first = RunDir(tmp_path)
     first.hold()
     try:
-        with pytest.raises(CheckpointError, match=f"train.out_dir {tmp_path} is in use by another run "
+        with pytest.raises(RunDirError, match=f"train.out_dir {tmp_path} is in use by another run "
                                                   rf"\(pid {os.getpid()} on "):
             choose(tmp_path, "auto")
     finally:
@@ -121,13 +121,13 @@ def test_a_different_model_shape_is_named(tmp_path):
 def test_resuming_an_older_step_into_a_folder_with_newer_checkpoints_is_refused(tmp_path):
     for step in (4, 8):
         save_checkpoint(checkpoint_path(tmp_path, step), resumable_state(step))
-    with pytest.raises(CheckpointError, match=r"holds later checkpoints \(ckpt_000008.pt\)"):
+    with pytest.raises(RunDirError, match=r"holds later checkpoints \(ckpt_000008.pt\)"):
         choose(tmp_path, str(checkpoint_path(tmp_path, 4)))
     other = tmp_path / "branch"
     assert choose(other, str(checkpoint_path(tmp_path, 4))).path == checkpoint_path(tmp_path, 4)
     other.mkdir()
     (other / "metrics.jsonl").write_text('{"step": 0, "loss": 10.9}\n')
-    with pytest.raises(CheckpointError, match="another folder"):
+    with pytest.raises(RunDirError, match="another folder"):
         choose(other, str(checkpoint_path(tmp_path, 4)))
 
 
@@ -138,8 +138,10 @@ def test_resume_keeps_the_records_before_the_resumed_step_only(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(records))
     health = ['{"step": 0, "grad_norm": 1.5}', '{"step": 2, "grad_norm": 0.5}', '{"step": 4, "grad_norm": 0.25}']
     (tmp_path / "health.jsonl").write_text("\n".join(health) + "\n")
-    choose(tmp_path, "auto")
-    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == records[:3]
+    start = choose(tmp_path, "auto")
+    # the steps before 2, and the evaluation at 2 of ckpt_2's weights, which the resumed run does not redo
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == records[:4]
+    assert start.evaluated == ["val_loss"]
     assert (tmp_path / "health.jsonl").read_text().splitlines() == health[:1]
 
 
@@ -179,5 +181,50 @@ def test_a_finished_runs_rerun_changes_nothing_and_one_stopped_in_its_final_eval
 
     (tmp_path / "summary.json").unlink()  # stopped during its final evaluation: no summary
     start = choose(tmp_path, "auto", config(max_steps=6))
-    assert start.step == 6 and not start.has_nothing_to_do(6)
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 5, "loss": 9.0}\n'  # the final evaluation, redone
+    assert start.step == 6
+    assert not start.has_nothing_to_do(6)
+    assert (tmp_path / "metrics.jsonl").read_text() == records  # the evaluations it made of ckpt_6 stay ...
+    assert start.evaluated == ["val_loss"]  # ... and are not redone
+
+
+def test_a_finished_run_resumed_further_keeps_its_evaluation_at_the_checkpoint(tmp_path):
+    save_checkpoint(checkpoint_path(tmp_path, 6), resumable_state(6))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "loss": 9.0}\n{"step": 6, "val_loss": 9.1}\n'
+                                            '{"step": 6, "core": 0.1, "core_arc": 0.2}\n{"step": 6, "loss": 8.9}\n'
+                                            '{"step": 7, "val_loss": 8.8}\n')
+    (tmp_path / "health.jsonl").write_text('{"step": 5, "grad_norm": 1.0}\n{"step": 6, "grad_norm": 0.5}\n')
+    start = choose(tmp_path, "auto", config(max_steps=12))  # max_steps raised after the run ended at 6
+    assert start.evaluated == ["val_loss", "core", "core_arc"]
+    # the evaluations of ckpt_6's weights stay; step 6's training record and everything later are redone
+    assert (tmp_path / "metrics.jsonl").read_text() == ('{"step": 5, "loss": 9.0}\n{"step": 6, "val_loss": 9.1}\n'
+                                                        '{"step": 6, "core": 0.1, "core_arc": 0.2}\n')
+    assert (tmp_path / "health.jsonl").read_text() == '{"step": 5, "grad_norm": 1.0}\n'
+
+
+def test_a_run_started_from_another_folders_checkpoint_reruns_with_the_same_command(tmp_path):
+    trunk, branch = tmp_path / "trunk", tmp_path / "branch"
+    save_checkpoint(checkpoint_path(trunk, 4), resumable_state(4))
+    source = str(checkpoint_path(trunk, 4))
+    branch_config = config(max_steps=10)
+    branch_config["train"]["resume"] = source
+    # an attempt that stopped before the branch's first checkpoint: the same command starts from the trunk again
+    write_records_of_an_early_crash(branch, branch_config)
+    assert choose(branch, source, branch_config).path == checkpoint_path(trunk, 4)
+    assert not (branch / "metrics.jsonl").exists()
+    # once the branch has checkpoints of its own, the same command continues from them
+    state = resumable_state(6)
+    state["config"] = branch_config
+    save_checkpoint(checkpoint_path(branch, 6), state)
+    start = choose(branch, source, branch_config)
+    assert start.path == checkpoint_path(branch, 6)
+    assert f"continuing this run's own checkpoints (it started from {source})" in start.notes
+    # another run's checkpoints in the folder are still refused
+    with pytest.raises(RunDirError, match="already holds another run's checkpoints"):
+        choose(branch, str(checkpoint_path(trunk, 4)).replace("trunk", "trunk/."), branch_config)
+
+
+def test_skipped_steps_before_the_resumed_step_count_toward_the_limit(tmp_path):
+    save_checkpoint(checkpoint_path(tmp_path, 4), resumable_state(4))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "skipped": true}\n{"step": 2, "skipped": true}\n'
+                                            '{"step": 4, "skipped": true}\n')
+    assert choose(tmp_path, "auto").skipped == 2
