@@ -3,9 +3,11 @@
     python bench.py --config configs/demo.toml
     python bench.py --config configs/gpt2-124M.toml --data.micro_batch_size=4 --bench.variants=anchor,default
     python bench.py --config configs/gpt2-124M.toml --bench.json=runs/bench-124M.json     # on a GPU
+    python bench.py --config configs/demo.toml --bench.compare=configs/demo-modern.toml --bench.variants=default,compare
 
 A step is train_gpt2.py's own training step (pretrain.trainer.train_step) on one micro-batch: the batch onto the
-device, forward, backward, gradient clipping, AdamW. Variants (--bench.variants, default all that apply here):
+device, forward, backward, gradient clipping, the optimizer step. Variants (--bench.variants, default all that apply
+here but compare):
   anchor      the anchors' way (nanoGPT, build-nanogpt): plain head + cross-entropy, every GELU output kept for
               backward; fused AdamW and bfloat16
               autocast only on CUDA (float32 and foreach AdamW on CPU); compiled as the config says
@@ -16,17 +18,24 @@ device, forward, backward, gradient clipping, AdamW. Variants (--bench.variants,
   eager / compiled, float32 / bfloat16   default with the other compile setting / autocast dtype
   act_ckpt    default with activation checkpointing
   kept_gelu   default keeping each GELU's output for backward (train.recompute_gelu=false), as the anchors do
-Rounds visit every variant in turn, so the machine's noise hits all alike; times are medians over all rounds.
+  other_optim default with the other optimizer: muon (Muon for the blocks' matrices, AdamW for the rest) if the
+              config says adamw, else adamw
+  compare     the config of --bench.compare=PATH with the same overrides, as train_gpt2.py would run it (its model
+              and optimizer), on the same batches: e.g. the modern recipe against GPT-2's (micro-batches must match)
+Rounds visit every variant in turn, so the machine's noise hits all alike; times are medians over all rounds. The
+optimizer column is the optimizer step's share of the step (timed apart, the device synchronised around it).
 MFU uses train_gpt2.py's FLOP count against a matmul peak measured in the same run (and a known GPU's datasheet
 figure). Peak memory comes from a fresh process per variant (CPU: peak resident memory above the process's
 before the model; CUDA: peak allocated), so variants cannot inflate each other's.
 
 bench.py's own options: --bench.steps (timed steps per variant per round), --bench.rounds, --bench.warmup,
 --bench.variants (comma-separated), --bench.memory (true/false), --bench.json (write the results there),
+--bench.compare (a config file for the compare variant),
 --bench.profile=N (instead of timing: where one step's time goes, torch.profiler's N costliest ops per variant).
 """
 
 import ctypes
+import dataclasses
 import datetime
 import json
 import os
@@ -42,7 +51,7 @@ import torch
 
 from model import DEFAULT_LOSS_CHUNK, GPT
 from pretrain import errors, parallel, runtime, shard_builder
-from pretrain.config import ConfigError, load_config
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.fileio import atomic_write_text
 from pretrain.loader import ShardLoader
 from pretrain.metrics import flops_per_token, gpu_peak_tflops
@@ -50,9 +59,10 @@ from pretrain.optim import build_optimizer
 from pretrain.shards import ShardError, list_shards
 from pretrain.trainer import train_step
 
-BENCH_DEFAULTS = {"steps": 3, "rounds": 3, "warmup": 2, "variants": "", "memory": "true", "json": "", "profile": "0"}
+BENCH_DEFAULTS = {"steps": 3, "rounds": 3, "warmup": 2, "variants": "", "memory": "true", "json": "", "profile": "0",
+                  "compare": ""}
 ALL_VARIANTS = ("anchor", "default", "other_head", "foreach_adamw", "other_compile", "other_dtype", "act_ckpt",
-                "kept_gelu")
+                "kept_gelu", "other_optim", "compare")
 
 
 @dataclass
@@ -65,17 +75,22 @@ class Variant:
     dtype: torch.dtype
     activation_checkpointing: bool
     recompute_gelu: bool
+    optimizer: str  # optim.name
+    config: Config  # the model, optimizer settings and LR it trains with
     step_ms: list[float] = field(default_factory=list)
     load_ms: list[float] = field(default_factory=list)
+    optimizer_ms: list[float] = field(default_factory=list)
 
     def settings(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         head = f"chunked head ({self.loss_chunk})" if self.loss_chunk else "plain head"
         adamw = "fused AdamW" if self.fused_adamw else "foreach AdamW"
+        optimizer = f"Muon + {adamw}" if self.optimizer == "muon" else adamw
         compiled = "compiled" if self.compile else "eager"
         checkpointing = ", act. ckpt" if self.activation_checkpointing else ""
         gelu = ", GELU recomputed" if self.recompute_gelu and not self.compile else ""
-        return f"{head}, {adamw}, {compiled}, {dtype}{gelu}{checkpointing}"
+        model = ", ".join(self.config.model.modern_flags())
+        return f"{model + ', ' if model else ''}{head}, {optimizer}, {compiled}, {dtype}{gelu}{checkpointing}"
 
 
 def split_bench_args(argv: list[str]) -> tuple[dict, list[str]]:
@@ -100,17 +115,19 @@ def split_bench_args(argv: list[str]) -> tuple[dict, list[str]]:
     return options, rest
 
 
-def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Variant], list[str]]:
-    """The variants asked for, and a note for each one that does not apply on this machine."""
+def make_variants(names: list[str], cfg, rt: runtime.Runtime,
+                  compare: tuple[str, Config] | None = None) -> tuple[list[Variant], list[str]]:
+    """The variants asked for, and a note for each one that does not apply on this machine. compare: the path and
+    config of --bench.compare."""
     default = Variant("default", "default", cfg.train.loss_chunk, True, rt.compile, rt.dtype,
-                      cfg.train.activation_checkpointing, cfg.train.recompute_gelu)
+                      cfg.train.activation_checkpointing, cfg.train.recompute_gelu, cfg.optim.name, cfg)
     made, notes = [], []
     for name in names:
         if name == "anchor":
             # nanoGPT's choices: fused AdamW on CUDA only, autocast on CUDA only (float32 on CPU)
             on_cuda = rt.device.type == "cuda"
             anchor_dtype = rt.dtype if on_cuda else torch.float32
-            made.append(Variant("anchor", "anchor", 0, on_cuda, rt.compile, anchor_dtype, False, False))
+            made.append(Variant("anchor", "anchor", 0, on_cuda, rt.compile, anchor_dtype, False, False, "adamw", cfg))
         elif name == "default":
             made.append(default)
         elif name == "other_head":
@@ -131,6 +148,16 @@ def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Vari
             made.append(_like(default, name, "act_ckpt", activation_checkpointing=True))
         elif name == "kept_gelu":
             made.append(_like(default, name, "kept_gelu", recompute_gelu=False))
+        elif name == "other_optim":
+            other = "adamw" if cfg.optim.name == "muon" else "muon"
+            made.append(_like(default, name, other, optimizer=other))
+        elif name == "compare":
+            if compare is None:
+                raise ConfigError("--bench.variants=compare needs --bench.compare=PATH, the config to compare")
+            path, other = compare
+            made.append(Variant(name, Path(path).stem, other.train.loss_chunk, True, rt.compile, rt.dtype,
+                                other.train.activation_checkpointing, other.train.recompute_gelu, other.optim.name,
+                                other))
         else:
             raise ConfigError(f"--bench.variants: unknown variant {name!r}; variants are {', '.join(ALL_VARIANTS)}")
     return made, notes
@@ -138,7 +165,7 @@ def make_variants(names: list[str], cfg, rt: runtime.Runtime) -> tuple[list[Vari
 
 def _like(base: Variant, key: str, name: str, **changes) -> Variant:
     settings = {k: getattr(base, k) for k in ("loss_chunk", "fused_adamw", "compile", "dtype",
-                                              "activation_checkpointing", "recompute_gelu")}
+                                              "activation_checkpointing", "recompute_gelu", "optimizer", "config")}
     return Variant(key, name, **{**settings, **changes})
 
 
@@ -188,19 +215,44 @@ class OneBatch:
         return self.batch
 
 
+class TimedOptimizer:
+    """An optimizer whose step() is timed into `into` (milliseconds; the device synchronised around it)."""
+
+    def __init__(self, optimizer, into: list[float], sync):
+        self.optimizer, self.into, self.sync = optimizer, into, sync
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    def step(self) -> None:
+        self.sync()
+        start = time.perf_counter()
+        self.optimizer.step()
+        self.sync()
+        self.into.append((time.perf_counter() - start) * 1000)
+
+
 class Bench:
-    """One model shared by every variant (so memory holds one copy); each variant has its own optimizer, and its
-    own compiled module when it compiles."""
+    """One model shared by every variant of the config (so memory holds one copy), and one for the compare variant;
+    each variant has its own optimizer, and its own compiled module when it compiles."""
 
     def __init__(self, cfg, rt: runtime.Runtime, variants: list[Variant]):
         runtime.seed_everything(cfg.train.seed)
         self.cfg, self.rt = cfg, rt
-        self.model = GPT(cfg.model).to(rt.device)
         self.batches = Batches(cfg)
-        self.optimizers, self.modules = {}, {}
+        self.models, self.optimizers, self.modules, self.optimizer_ms = {}, {}, {}, {}
+        shared = {}  # config -> model: a memory run measures one variant's model alone
         for v in variants:
-            self.optimizers[v.name] = build_optimizer(self.model, cfg.optim, rt.device.type, fused=v.fused_adamw)
-            self.modules[v.name] = torch.compile(self.model) if v.compile else self.model
+            if id(v.config) not in shared:
+                runtime.seed_everything(cfg.train.seed)
+                shared[id(v.config)] = GPT(v.config.model).to(rt.device)
+            model = shared[id(v.config)]
+            optim = dataclasses.replace(v.config.optim, name=v.optimizer)
+            self.optimizer_ms[v.name] = []
+            optimizer = build_optimizer(model, optim, rt.device.type, fused=v.fused_adamw, muon_dtype=v.dtype)
+            self.models[v.name] = model
+            self.optimizers[v.name] = TimedOptimizer(optimizer, self.optimizer_ms[v.name], self.sync)
+            self.modules[v.name] = torch.compile(model) if v.compile else model
 
     def sync(self) -> None:
         if self.rt.device.type == "cuda":
@@ -209,14 +261,15 @@ class Bench:
     def step(self, v: Variant, loader=None) -> tuple[float, float]:
         """One training step (train_step, one micro-batch) as variant v, on the next batch of `loader` (default:
         the config's batches); returns (step seconds, seconds of it spent getting the batch)."""
-        self.model.set_training_memory(v.loss_chunk, v.recompute_gelu)
-        parallel.set_activation_checkpointing(self.model, v.activation_checkpointing)
+        model = self.models[v.name]
+        model.set_training_memory(v.loss_chunk, v.recompute_gelu)
+        parallel.set_activation_checkpointing(model, v.activation_checkpointing)
         rt = runtime.Runtime(self.rt.device, v.dtype, v.compile)
         loader = loader or self.batches
         loading_before = getattr(loader, "seconds", 0.0)
         start = time.perf_counter()
-        train_step(self.modules[v.name], self.optimizers[v.name], loader, 1, self.cfg.optim.lr,
-                   self.cfg.optim.grad_clip, rt)  # ends with a host sync, so the time is real
+        train_step(self.modules[v.name], self.optimizers[v.name], loader, 1, v.config.optim.lr,
+                   v.config.optim.grad_clip, rt)  # ends with a host sync, so the time is real
         return time.perf_counter() - start, getattr(loader, "seconds", 0.0) - loading_before
 
 
@@ -245,6 +298,7 @@ def run_timing(bench: Bench, variants: list[Variant], options: dict) -> dict[str
                 step_s, load_s = bench.step(v)
                 v.step_ms.append(step_s * 1000)
                 v.load_ms.append(load_s * 1000)
+                v.optimizer_ms.append(bench.optimizer_ms[v.name][-1])
         for dtype in {v.dtype for v in variants}:
             key = str(dtype).removeprefix("torch.")
             peaks[key] = max(peaks.get(key, 0.0), measured_peak_tflops(bench.rt.device, dtype))
@@ -301,8 +355,8 @@ def memory_in_subprocess(v: Variant, argv: list[str]) -> float | None:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def summarise(variants: list[Variant], peaks: dict, memory: dict, flops: float, tokens: int,
-              datasheet: float | None, real_loader: bool) -> list[dict]:
+def summarise(variants: list[Variant], peaks: dict, memory: dict, tokens: int, datasheet: float | None,
+              real_loader: bool) -> list[dict]:
     """One row per variant; speed and memory relative to the anchor (else the first variant)."""
     rows = []
     anchor = next((v for v in variants if v.name == "anchor"), variants[0])
@@ -310,11 +364,15 @@ def summarise(variants: list[Variant], peaks: dict, memory: dict, flops: float, 
     for v in variants:
         ms = statistics.median(v.step_ms)
         tokens_per_s = tokens / (ms / 1000)
+        with torch.device("meta"):  # the count needs shapes only
+            flops = flops_per_token(GPT(v.config.model), v.config.data.seq_len)
         peak = peaks[str(v.dtype).removeprefix("torch.")]
         row = {"variant": v.name, "settings": v.settings(), "ms_per_step": ms, "tokens_per_s": tokens_per_s,
                "speedup_vs_anchor": anchor_ms / ms, "mfu_measured_peak": flops * tokens_per_s / (peak * 1e12),
                "mfu_datasheet": flops * tokens_per_s / (datasheet * 1e12) if datasheet else None,
                "loader_share": statistics.median(v.load_ms) / ms if real_loader else None,
+               "optimizer_ms": statistics.median(v.optimizer_ms),
+               "optimizer_share": statistics.median(v.optimizer_ms) / ms,
                "peak_memory_bytes": memory.get(v.name)}
         anchor_memory = memory.get(anchor.name)
         has_memory = row["peak_memory_bytes"] is not None and anchor_memory
@@ -329,14 +387,15 @@ def _percent(value: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| variant | settings | ms/step | tokens/s | vs anchor | MFU (measured peak) | MFU (datasheet) | "
-             "peak memory | memory vs anchor | loader share |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak memory | memory vs anchor | loader share | optimizer share |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"
         memory_ratio = "-" if r["memory_vs_anchor"] is None else f"{r['memory_vs_anchor']:.2f}x"
         lines.append(f"| {r['variant']} | {r['settings']} | {r['ms_per_step']:,.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['speedup_vs_anchor']:.2f}x | {_percent(r['mfu_measured_peak'])} | "
-                     f"{_percent(r['mfu_datasheet'])} | {memory} | {memory_ratio} | {_percent(r['loader_share'])} |")
+                     f"{_percent(r['mfu_datasheet'])} | {memory} | {memory_ratio} | {_percent(r['loader_share'])} | "
+                     f"{_percent(r['optimizer_share'])} ({r['optimizer_ms']:,.1f} ms) |")
     return "\n".join(lines)
 
 
@@ -356,16 +415,27 @@ def main(argv: list[str]) -> None:
         raise errors.HelpRequested(f"{__doc__}\n{help_text}") from None
     rt = runtime.resolve(cfg.train.device, cfg.train.dtype, cfg.train.compile,
                          compile_backend=cfg.train.compile_backend)
-    names = [n for n in options["variants"].split(",") if n] or list(ALL_VARIANTS)
-    variants, notes = make_variants(names, cfg, rt)
+    compare = None
+    if options["compare"]:
+        # the same overrides on both (a later --config replaces the first; the overrides apply after it)
+        compare = (options["compare"], load_config([*config_argv, "--config", options["compare"]], prog="bench.py"))
+        shape = (compare[1].data.micro_batch_size, compare[1].data.seq_len)
+        if shape != (cfg.data.micro_batch_size, cfg.data.seq_len):
+            raise ConfigError(f"--bench.compare={options['compare']}: its micro-batch {shape[0]} x {shape[1]} is not "
+                              f"this config's {cfg.data.micro_batch_size} x {cfg.data.seq_len}; both step on the "
+                              "same batches")
+    names = [n for n in options["variants"].split(",") if n]
+    names = names or [n for n in ALL_VARIANTS if n != "compare" or compare]
+    variants, notes = make_variants(names, cfg, rt, compare)
     if options["memory"] == "only":
         print(json.dumps({"peak_bytes": measure_memory(variants[0], cfg, rt)}))
         return
 
     bench = Bench(cfg, rt, variants)
     B, T = cfg.data.micro_batch_size, cfg.data.seq_len
-    flops = flops_per_token(bench.model, T)
-    print(f"bench: {bench.model.num_params() / 1e6:.1f}M parameters, micro-batch {B} x {T} | {machine(rt.device)} | "
+    first = bench.models[variants[0].name]
+    flops = flops_per_token(first, T)
+    print(f"bench: {first.num_params() / 1e6:.1f}M parameters, micro-batch {B} x {T} | {machine(rt.device)} | "
           f"torch {torch.__version__} | data: {bench.batches.source}")
     for note in notes:
         print(note)
@@ -378,7 +448,7 @@ def main(argv: list[str]) -> None:
     memory = {}
     if options["memory"] == "true":
         memory = {v.name: memory_in_subprocess(v, argv) for v in variants}
-    rows = summarise(variants, peaks, memory, flops, B * T, datasheet_peak_tflops(rt.device), real_loader)
+    rows = summarise(variants, peaks, memory, B * T, datasheet_peak_tflops(rt.device), real_loader)
     print()
     print(table(rows))
     print(f"\nFLOPs/token {flops / 1e6:.1f}M (6N + 12 L C T); measured matmul peak: "

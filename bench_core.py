@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from pretrain import runtime, tokenizer
+from pretrain import errors, runtime, tokenizer
 from pretrain.core_bundle import read_tasks, write_bundle
 from pretrain.core_eval import is_correct
 from pretrain.core_prompts import build_prompts
@@ -79,7 +79,7 @@ def nanochat_way(model: GPT, prompts, rt: runtime.Runtime) -> tuple[list[float],
             ids[i, :len(seq)] = torch.tensor(seq)
         ids = ids.to(rt.device)
         with rt.autocast():
-            logits = model.lm_head(model.hidden_states(ids))
+            logits = model.logits(model.hidden_states(ids))
         logits = logits[..., :tokenizer.N_VOCAB].float()
         targets = torch.roll(ids, shifts=-1, dims=1)
         losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(ids.shape)
@@ -98,7 +98,7 @@ def our_way(model: GPT, prompts, rt: runtime.Runtime, batch_size: int) -> tuple[
     return score(model, rows, first, rt, batch_size)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", default="", help="a CORE eval bundle (default: a synthetic one, see above)")
     parser.add_argument("--items", type=int, default=12, help="items per task: the first after nanochat's shuffle")
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rt = runtime.resolve(args.device, args.dtype, compile=False)
     torch.manual_seed(0)
@@ -167,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

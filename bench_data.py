@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pretrain import errors
 from pretrain.loader import ShardLoader
 from pretrain.shard_builder import available_cpus, build_corpus
 from pretrain.sources import demo_source, stdlib_sources
@@ -83,7 +84,7 @@ def bench_loader(data_dir: Path, batch_size: int, seq_len: int, batches: int, re
     print(f"  shuffled, first batch (index the split's documents, lay out the epoch): {index_s:.2f} s")
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=None, help="use the first N stdlib files (default: all)")
     p.add_argument("--workers", type=int, default=available_cpus(), help="pipeline workers (default: all cores)")
@@ -92,7 +93,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batches", type=int, default=200, help="loader batches timed per mode")
     p.add_argument("--shards", type=Path, default=None, help="time only the loader, on this folder's train shards")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.shards:
         bench_loader(args.shards, args.batch_size, args.seq_len, args.batches, args.repeats)
         return
@@ -103,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

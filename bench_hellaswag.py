@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from pretrain import runtime, tokenizer
+from pretrain import errors, runtime, tokenizer
 from pretrain.hellaswag import load
 from pretrain.hellaswag_scoring import ending_losses
 
@@ -66,14 +66,14 @@ def anchors_losses(model: GPT, examples, rt: runtime.Runtime) -> torch.Tensor:
             scored[j, len(example.context):len(row)] = True
         tokens, scored = tokens.to(rt.device), scored.to(rt.device)
         with rt.autocast():
-            logits = model.lm_head(model.hidden_states(tokens))
+            logits = model.logits(model.hidden_states(tokens))
         token_losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
                                        reduction="none").view(4, T - 1)
         losses[i] = (token_losses * scored[:, 1:]).sum(dim=1).cpu()
     return losses
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="", help="a HellaSwag jsonl (default: synthetic rows, see above)")
     parser.add_argument("--examples", type=int, default=48, help="examples timed each way")
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="examples per forward, ours")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=runtime.DTYPES)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rt = runtime.resolve(args.device, args.dtype, compile=False)
     torch.manual_seed(0)
@@ -126,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model import GPT
-from pretrain import runtime, shard_builder
+from pretrain import errors, runtime, shard_builder
 from pretrain.config import Config, grad_accum_steps, load_config
 from pretrain.loader import ShardLoader, document_starts
 from pretrain.optim import build_optimizer, lr_at
@@ -86,7 +86,7 @@ def train(cfg: Config, loader, steps: int, rt: runtime.Runtime) -> GPT:
     runtime.seed_everything(cfg.train.seed)
     model = GPT(cfg.model).to(rt.device)
     model.set_training_memory(cfg.train.loss_chunk, cfg.train.recompute_gelu)
-    optimizer = build_optimizer(model, cfg.optim, rt.device.type)
+    optimizer = build_optimizer(model, cfg.optim, rt.device.type, muon_dtype=rt.dtype)
     accum_steps = grad_accum_steps(cfg, 1)
     for step in range(steps):
         train_step(model, optimizer, loader, accum_steps, lr_at(step, cfg.optim, steps), cfg.optim.grad_clip, rt)
@@ -99,7 +99,7 @@ def validation_loss(model: GPT, cfg: Config, batches: int, rt: runtime.Runtime) 
     return evaluate(model, loader, batches, rt)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.toml", help="a config with a demo corpus (default: the demo)")
     p.add_argument("--orders", default=",".join(ORDERS), help=f"comma-separated, from {', '.join(ORDERS)}")
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="float32 (default) or bfloat16: one dtype for every order")
     p.add_argument("--val-batches", type=int, default=100, help="validation batches scored (default 100)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     orders = args.orders.split(",")
     unknown = sorted(set(orders) - set(ORDERS))
     if unknown:
@@ -127,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

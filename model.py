@@ -2,6 +2,10 @@
 
 Token + learned position embeddings, pre-LayerNorm transformer blocks with fused causal SDPA attention and a
 tanh-GELU MLP, a final LayerNorm and an LM head tied to the token embedding.
+
+The modern recipe's changes are flags of GPTConfig, each off by default (so the default is exactly GPT-2): rotary
+positions, RMSNorm, QK-norm, ReLU², an untied zero-initialised head, zero-initialised output projections and
+tanh soft-capped logits (configs/demo-modern.toml, docs/modern.md).
 """
 
 import math
@@ -13,6 +17,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 DEFAULT_LOSS_CHUNK = 1024  # tokens per chunk of the head's loss in training (see ChunkedHeadLoss)
+ROPE_BASE = 10000.0  # rotary embeddings: the slowest pair of channels turns once per 2 pi * 10000 positions
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "relu2")
 # The Linear weights Hugging Face's GPT-2 stores as Conv1D: transposed relative to nn.Linear.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -34,10 +42,72 @@ class GPTConfig:
     bias: bool = option(True, "GPT-2 has biases in every Linear and LayerNorm")
     dropout: float = option(0.0, "dropout on embeddings, attention and residual branches (0 for pretraining)",
                             "[0, 1)")
+    # The modern recipe, each off by default (GPT-2 as published):
+    position: str = option("learned", "positions: learned (GPT-2's table of block_size vectors) or rope (rotary: "
+                                      "queries and keys turned by their position, no table)", choices=POSITIONS)
+    norm: str = option("layernorm", "layernorm (GPT-2) or rmsnorm (scale by the root mean square only: no mean, "
+                                    "no bias)", choices=NORMS)
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before attention (bounded logits)")
+    activation: str = option("gelu", "the MLP's nonlinearity: gelu (GPT-2's tanh approximation) or relu2 (ReLU "
+                                     "squared)", choices=ACTIVATIONS)
+    tie_head: bool = option(True, "the LM head is the token embedding's matrix (GPT-2); false: its own matrix, zero "
+                                  "at init")
+    zero_init_proj: bool = option(False, "the attention and MLP output projections start at zero (each block "
+                                         "starts as the identity)")
+    logit_softcap: float = option(0.0, "logits become c * tanh(logits / c), bounded by c; 0: off", "[0, inf)")
+
+    def is_gpt2(self) -> bool:
+        """Whether this is GPT-2's architecture (every modern flag off): what Hugging Face's GPT-2 layout holds."""
+        return (self.position, self.norm, self.qk_norm, self.activation, self.tie_head, self.zero_init_proj,
+                self.logit_softcap) == ("learned", "layernorm", False, "gelu", True, False, 0.0)
+
+    def modern_flags(self) -> list[str]:
+        """The flags that differ from GPT-2, as a reader would name them."""
+        flags = [self.position if self.position != "learned" else "", self.norm if self.norm != "layernorm" else "",
+                 "qk-norm" if self.qk_norm else "", self.activation if self.activation != "gelu" else "",
+                 "untied head" if not self.tie_head else "", "zero-init projections" if self.zero_init_proj else "",
+                 f"logit soft-cap {self.logit_softcap:g}" if self.logit_softcap else ""]
+        return [flag for flag in flags if flag]
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap) in float32 (no-op when cap is 0): close to the identity for small logits, never
+    beyond +-cap."""
+    return cap * torch.tanh(logits.float() / cap) if cap else logits
+
+
+def rotary_tables(pos: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles, (*pos.shape, head_dim // 2), in float32: channel pair i turns by
+    pos * ROPE_BASE ** (-2i / head_dim)."""
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos.float().unsqueeze(-1) * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn x (B, n_head, T, head_dim) by the angles of its positions; channel pairs are (i, i + head_dim / 2).
+    cos, sin: (T, head_dim / 2) for every row alike, or (B, T, head_dim / 2) for positions per row."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # one table per row, shared by the heads
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of logits = x @ weight.T against targets (-1 ignored), `chunk` rows at a time.
+    """Mean cross-entropy of logits = x @ weight.T (soft-capped when cap > 0) against targets (-1 ignored), `chunk`
+    rows at a time.
 
     The plain head materialises (tokens x vocab) float32 logits, and cross-entropy, its backward and the head's
     backward read and write arrays of that size some eight times: at small widths this dominates the step, and at
@@ -46,7 +116,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk):
+    def forward(ctx, x, weight, targets, chunk, cap):
         # Under autocast the matmuls run in the autocast dtype and the softmax in float32, as in the plain path.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
@@ -61,7 +131,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 x_c, t_c = x[lo:lo + chunk].to(dtype), targets[lo:lo + chunk]
                 rows = torch.arange(len(t_c), device=x.device)
                 safe_t = t_c.clamp(min=0)
-                logits = (x_c @ w.t()).to(softmax_dtype)
+                if cap:  # logits = cap * tanh(raw / cap), whose slope d(logits)/d(raw) is 1 - tanh**2
+                    tanh = ((x_c / cap) @ w.t()).to(softmax_dtype).tanh_()  # raw / cap from the narrow operand
+                    tanh_squared = tanh.square()
+                    logits = tanh.mul_(cap)
+                else:
+                    logits = (x_c @ w.t()).to(softmax_dtype)
                 target_logits = logits[rows, safe_t]
                 # softmax with one exp pass, in place in the logits' memory: e = exp(logits - max), p = e / sum(e)
                 row_max = logits.amax(dim=1, keepdim=True)
@@ -72,6 +147,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 # d(loss)/d(logits) = (e / e_sum - one_hot) * row_scale = (e - e_sum * one_hot) * (row_scale / e_sum):
                 # the row factor is applied to the narrow (chunk x n_embd) operands, not the wide one
                 e[rows, safe_t] -= e_sum.squeeze(1)
+                if cap:
+                    e.addcmul_(e, tanh_squared, value=-1)  # e * (1 - tanh**2): back through the soft-cap
                 e = e.to(dtype)
                 row_factor = row_scale / e_sum
                 grad_x[lo:lo + chunk] = (e @ w) * row_factor
@@ -85,14 +162,15 @@ class ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 # Run eagerly even inside a compiled model: on CUDA, inductor (torch 2.11) compiled this function's gradients,
 # computed in its forward, to zeros (seen on an H200; CPU was right). Eager, it is exact, and the body stays compiled.
 @torch.compiler.disable
-def chunked_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    return ChunkedHeadLoss.apply(x, weight, targets, chunk)
+def chunked_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                      cap: float = 0.0) -> torch.Tensor:
+    return ChunkedHeadLoss.apply(x, weight, targets, chunk, cap)
 
 
 class GeluProjection(torch.autograd.Function):
@@ -126,16 +204,28 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled_init = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Queries, keys and values of x (B, T, C), each (B, n_head, T, head_dim), as attention uses them
+        (normalised and turned where the config says so)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.heads(x, rotary)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -146,11 +236,12 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        # GPT-2 used GELU's tanh approximation. (The attribute keeps its name for either: health hooks it.)
+        self.gelu = nn.GELU(approximate="tanh") if config.activation == "gelu" else ReLUSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled_init = True
         self.dropout = nn.Dropout(config.dropout)
-        self.recompute_gelu = True  # set by GPT.set_training_memory
+        self.recompute_gelu = config.activation == "gelu"  # set by GPT.set_training_memory; GELU's only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
@@ -164,13 +255,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -179,16 +271,26 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **layers,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix embeds and un-embeds
+        if config.tie_head:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix embeds and un-embeds
         self.apply(self._init_weights)
+        # Zero-initialised layers start as no-ops: a head that predicts uniformly, blocks that pass the residual on.
+        # Their gradients are not zero, so they move at the first step.
+        zeroed = [] if config.tie_head else [self.lm_head.weight]
+        if config.zero_init_proj:
+            zeroed += [m.weight for m in self.modules() if getattr(m, "residual_scaled_init", False)]
+        for weight in zeroed:
+            nn.init.zeros_(weight)
         self.loss_chunk = DEFAULT_LOSS_CHUNK  # set by set_training_memory
 
     def set_training_memory(self, loss_chunk: int = DEFAULT_LOSS_CHUNK, recompute_gelu: bool = True) -> None:
@@ -197,7 +299,7 @@ class GPT(nn.Module):
         every logit; recompute_gelu makes eager training recompute each GELU in backward instead of keeping it."""
         self.loss_chunk = loss_chunk
         for block in self.transformer.h:
-            block.mlp.recompute_gelu = recompute_gelu
+            block.mlp.recompute_gelu = recompute_gelu and self.config.activation == "gelu"
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -213,11 +315,15 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count, the tied embedding counted once; non_embedding leaves out the position embedding
-        (the token embedding is kept, since as the LM head it does compute work)."""
+        """Parameter count, the tied embedding counted once; non_embedding leaves out the tables that are looked up,
+        not multiplied: the position embedding, and the token embedding when the head has its own matrix (tied, it
+        is the head and does compute work)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_head:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def hidden_states(self, idx: torch.Tensor, pos: torch.Tensor | None = None,
@@ -231,10 +337,22 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rotary = None
+        if self.config.position == "rope":
+            rotary = rotary_tables(pos, self.config.n_embd // self.config.n_head)  # computed once for every block
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, rotary)
         return self.transformer.ln_f(x)
+
+    def logits(self, x: torch.Tensor, n_vocab: int | None = None) -> torch.Tensor:
+        """The head on hidden states x: logits over the first n_vocab ids (all by default), soft-capped if the
+        config says so. The scorers apply it only where a token is scored."""
+        weight = self.lm_head.weight if n_vocab is None else self.lm_head.weight[:n_vocab]
+        return softcap(F.linear(x, weight), self.config.logit_softcap)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx, targets: (B, T) token ids. Returns (logits, loss): with targets, logits for every position
@@ -242,12 +360,12 @@ class GPT(nn.Module):
         When gradients are on and self.loss_chunk is set, the loss comes from ChunkedHeadLoss and logits is None."""
         x = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # generation needs only the next token's logits
+            return self.logits(x[:, [-1], :]), None  # generation needs only the next token's logits
         if self.loss_chunk and torch.is_grad_enabled():
             loss = chunked_head_loss(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                     self.loss_chunk)
+                                     self.loss_chunk, self.config.logit_softcap)
             return None, loss  # the logits never existed all at once
-        logits = self.lm_head(x)
+        logits = self.logits(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 

@@ -82,7 +82,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
     runtime.seed_everything(cfg.train.seed + dist_info.rank)  # from here on each rank draws its own dropout masks
     model = parallel.prepare(raw_model, rt, cfg.train.parallel, cfg.train.activation_checkpointing,
                              dist_info.world_size)
-    optimizer = build_optimizer(raw_model, cfg.optim, device.type)
+    optimizer = build_optimizer(raw_model, cfg.optim, device.type, muon_dtype=rt.dtype)
     flops = flops_per_token(raw_model, cfg.data.seq_len)
     peak = peak_tflops(device, rt.dtype, cfg.train.peak_tflops)  # on CPU a matmul of random numbers
 
@@ -116,7 +116,7 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
     checkpoints = Checkpoints(cfg, run, model, optimizer, train_loader, config_dict, rt, logger)
     # health warnings go through the logger, above the progress bar
     health = HealthMonitor(raw_model, run.health, cfg.train.health_interval, cfg.optim.grad_clip, rt.autocast,
-                           enabled=master, log=logger.write)
+                           enabled=master, log=logger.write, muon=cfg.optim.name == "muon")
     nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run, skipped=start.skipped)
     mfu = Mfu(flops, peak, dist_info.world_size, log=logger.write)
     try:

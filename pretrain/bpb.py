@@ -100,7 +100,7 @@ def measure(model: torch.nn.Module, val, tokens: int, rt: Runtime, batch_size: i
     rows = [(g * T, min(T, tokens - g * T)) for g in range(rank, -(-tokens // T), world_size)]
     full = [start for start, n in rows if n == T]
     batches = [(full[lo:lo + B], T) for lo in range(0, len(full), B)] + [([s], n) for s, n in rows if n < T]
-    head_weight = raw.lm_head.weight[:min(tokenizer.N_VOCAB, raw.config.vocab_size)]
+    head = functools.partial(raw.logits, n_vocab=min(tokenizer.N_VOCAB, raw.config.vocab_size))
     byte_lengths = token_byte_lengths().to(rt.device)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, bytes, counted tokens
     was_training = raw.training
@@ -108,7 +108,7 @@ def measure(model: torch.nn.Module, val, tokens: int, rt: Runtime, batch_size: i
     try:
         for starts, n in batches:
             windows = torch.stack([stream[s:s + n + 1] for s in starts]).to(rt.device)
-            sums += row_sums(body, head_weight, windows[:, :-1], windows[:, 1:], byte_lengths, rt)
+            sums += row_sums(body, head, windows[:, :-1], windows[:, 1:], byte_lengths, rt)
     finally:
         raw.train(was_training)
     nats, n_bytes, counted = distributed.all_reduce_sum(sums).tolist()
@@ -117,7 +117,7 @@ def measure(model: torch.nn.Module, val, tokens: int, rt: Runtime, batch_size: i
     return BitsPerByte(nats / math.log(2) / n_bytes, tokens, int(counted), int(n_bytes), nats)
 
 
-def row_sums(body, head_weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, byte_lengths: torch.Tensor,
+def row_sums(body, head, x: torch.Tensor, y: torch.Tensor, byte_lengths: torch.Tensor,
              rt: Runtime) -> torch.Tensor:
     """(nats, bytes, counted targets) of rows x -> y, the targets without bytes left out."""
     with rt.autocast():
@@ -126,7 +126,7 @@ def row_sums(body, head_weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, 
     nats = torch.zeros((), dtype=torch.float64, device=x.device)
     for lo in range(0, len(y), HEAD_CHUNK):  # never all (tokens x 50k) logits at once
         with rt.autocast():
-            logits = F.linear(hidden[lo:lo + HEAD_CHUNK], head_weight)
+            logits = head(hidden[lo:lo + HEAD_CHUNK])
         losses = F.cross_entropy(logits.float(), y[lo:lo + HEAD_CHUNK], reduction="none")
         nats += (losses * (byte_lengths[y[lo:lo + HEAD_CHUNK]] > 0)).sum(dtype=torch.float64)
     n_bytes = byte_lengths[y]

@@ -38,10 +38,23 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = option(6e-4, "peak learning rate, reached after warmup", "(0, inf)")
-    min_lr: float = option(6e-5, "cosine decay ends here, 10% of peak", "[0, inf)")
+    name: str = option("adamw", "adamw (GPT-2's) or muon: Muon for the blocks' matrices, AdamW for the rest (the "
+                                "modern recipe)", choices=("adamw", "muon"))
+    lr: float = option(6e-4, "peak learning rate, reached after warmup (AdamW's groups)", "(0, inf)")
+    min_lr: float = option(6e-5, "the schedule ends here, 10% of peak", "[0, inf)")
     warmup_steps: int = option(715, "linear warmup steps (375M tokens at 2**19 tokens/step)", "[0, inf)")
-    weight_decay: float = option(0.1, "AdamW weight decay, on 2-D parameters (matrices, embeddings) only", "[0, inf)")
+    schedule: str = option("cosine", "after warmup: cosine decay to min_lr (GPT-2's), or wsd: constant, then a linear "
+                                     "decay over the last decay_frac of the steps", choices=("cosine", "wsd"))
+    decay_frac: float = option(0.4, "wsd: the share of the steps that decays to min_lr", "(0, 1]")
+    weight_decay: float = option(0.1, "weight decay (decoupled), on 2-D parameters (matrices, embeddings) only",
+                                 "[0, inf)")
+    muon_lr: float = option(0.02, "Muon's peak learning rate (the blocks' matrices), on the same schedule as lr",
+                            "(0, inf)")
+    muon_momentum: float = option(0.95, "Muon's momentum (Nesterov)", "[0, 1)")
+    muon_adjust_lr: str = option("original", "Muon's learning rate per matrix shape: original (x sqrt(max(1, "
+                                             "rows/cols)), Keller Jordan's) or match_rms_adamw (x 0.2 sqrt(max(rows, "
+                                             "cols)), Moonshot's)", choices=("original", "match_rms_adamw"))
+    muon_split_qkv: bool = option(True, "Muon orthogonalises c_attn's q, k and v each alone (false: as one matrix)")
     beta1: float = option(0.9, "AdamW's first-moment decay", "[0, 1)")
     beta2: float = option(0.95, "AdamW's second-moment decay", "[0, 1)")
     eps: float = option(1e-8, "AdamW's denominator epsilon", "(0, inf)")
@@ -250,6 +263,10 @@ def validate(cfg: Config) -> None:
         if cfg.train.parallel == "fsdp" and getattr(cfg.train, key):
             raise ConfigError(f"train.{key} needs train.parallel=ddp for now (set train.{key}={off} and run "
                               "evaluate.py on the checkpoints)")
+    # Newton-Schulz needs each whole matrix; FSDP2 holds a shard of it per rank (a DTensor torch's Muon cannot step)
+    if cfg.train.parallel == "fsdp" and cfg.optim.name == "muon":
+        raise ConfigError("optim.name=muon needs train.parallel=ddp: torch's Muon orthogonalises whole matrices, and "
+                          "fsdp gives each rank a shard (use ddp, or optim.name=adamw to shard)")
     _check_out_dir(cfg.train.out_dir)
     if not cfg.train.resume:
         raise ConfigError("train.resume is empty: expected auto, none or the path of a checkpoint")

@@ -9,6 +9,7 @@ gives. Rows stay within block_size tokens: the candidates that do not fit go int
 shared part (after truncation, candidates of different lengths share nothing, and take a row each).
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,7 +75,7 @@ def pack(prompt: Prompt, first_candidate: int, block_size: int) -> list[Row]:
     return rows
 
 
-def score_batch(body, head_weight: torch.Tensor, batch: list[Row], rt: Runtime) -> tuple[torch.Tensor, ...]:
+def score_batch(body, head, batch: list[Row], rt: Runtime) -> tuple[torch.Tensor, ...]:
     """Loss and whether the greedy prediction is right, for every scored prediction of the batch (in order)."""
     T = max(len(row.tokens) for row in batch)
     tokens = np.zeros((len(batch), T), dtype=np.int64)
@@ -91,7 +92,7 @@ def score_batch(body, head_weight: torch.Tensor, batch: list[Row], rt: Runtime) 
         for x in (tokens, positions, segments, which_row, scored_at, targets))
     with rt.autocast():
         hidden = body(tokens, positions, attention_mask(segments))
-        logits = F.linear(hidden[which_row, scored_at], head_weight)
+        logits = head(hidden[which_row, scored_at])
     logits = logits.float()
     return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(dim=1) == targets
 
@@ -104,7 +105,7 @@ def score(model: torch.nn.Module, rows: list[Row], n_candidates: int, rt: Runtim
     shorter). model may be wrapped in DDP or torch.compile; its train/eval mode is restored afterwards."""
     raw, body = parallel.scoring_body(model, rt)
     # Only the tokenizer's ids: the padded vocabulary rows (50257 -> 50304) are never real tokens.
-    head_weight = raw.lm_head.weight[:min(tokenizer.N_VOCAB, raw.config.vocab_size)]
+    head = functools.partial(raw.logits, n_vocab=min(tokenizer.N_VOCAB, raw.config.vocab_size))
     budget = batch_size * raw.config.block_size
     # Longest first, so a batch too large for memory fails at once; similar lengths together waste little padding.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens), reverse=True)
@@ -119,7 +120,7 @@ def score(model: torch.nn.Module, rows: list[Row], n_candidates: int, rt: Runtim
             while start < len(order):
                 per_batch = max(1, budget // len(rows[order[start]].tokens))
                 batch = [rows[i] for i in order[start:start + per_batch]]
-                losses, hits = score_batch(body, head_weight, batch, rt)
+                losses, hits = score_batch(body, head, batch, rt)
                 candidate = torch.from_numpy(np.concatenate([row.candidate for row in batch]).astype(np.int64))
                 candidate = candidate.to(rt.device)
                 loss_sums.index_add_(0, candidate, losses)

@@ -18,6 +18,12 @@ module ("wte", "ln_f"); a group's ratio is over its weight matrices together, it
 tensors, and each tensor's own figures are kept under "params". Gradient norms are taken before clipping, after
 the gradients are averaged over ranks, so rank 0's replica stands for the model under DDP.
 
+Under optim.name=muon the blocks' matrices take Muon's steps, whose size is set by the learning rate and the matrix's
+shape, not by the gradient (the update is orthogonalised: its singular values are about 1). A block's ratio then
+says how large the weights have grown against a fixed step, not whether the layer learns, and the zero-initialised
+projections start at ratios far above 1e-1: the blocks' ratio warnings are off. What still means something: the
+non-finite gradient warning, and the ratios of the AdamW layers (wte, lm_head, ln_f), warned about as before.
+
 Activations and attention entropy come from one extra forward pass (no gradients, eval mode) of the uncompiled
 model over the step's first micro-batch (at most PROBE_SEQUENCES sequences), with hooks that exist only for that
 pass: the training forward itself is never hooked, so torch.compile'd and DDP-wrapped models are left as they are.
@@ -116,24 +122,23 @@ class UpdateProbe:
         return {"grad_norm": _finite_or_none(total), "clipped": clipped, "layers": layers, "nonfinite": nonfinite}
 
 
-def attention_probs(attn: torch.nn.Module, seq: torch.Tensor) -> torch.Tensor:
+def attention_probs(attn: torch.nn.Module, seq: torch.Tensor, rotary=None) -> torch.Tensor:
     """The causal attention weights (n_head, T, T) of one sequence seq (T, C) at the attention module `attn`'s
-    input: what its SDPA call computes internally, recomputed from its c_attn weights."""
+    input: what its SDPA call computes internally, recomputed from its queries and keys (attn.heads)."""
     T, C = seq.shape
     head_dim = C // attn.n_head
-    q, k, _ = attn.c_attn(seq).float().split(C, dim=-1)
-    q, k = (t.view(T, attn.n_head, head_dim).transpose(0, 1) for t in (q, k))  # (n_head, T, head_dim)
+    q, k, _ = (t[0].float() for t in attn.heads(seq.unsqueeze(0), rotary))  # (n_head, T, head_dim)
     scores = (q @ k.transpose(1, 2)) / math.sqrt(head_dim)  # SDPA's default scale
     causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
     return F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
-def attention_entropy(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def attention_entropy(attn: torch.nn.Module, x: torch.Tensor, rotary=None) -> torch.Tensor:
     """Each head's mean attention entropy (nats) over the query positions and sequences of x (B, T, C); one
     sequence at a time, so (n_head, T, T) is the largest tensor."""
     total = torch.zeros(attn.n_head, device=x.device)
     for seq in x:
-        probs = attention_probs(attn, seq)
+        probs = attention_probs(attn, seq, rotary)
         p_log_p = probs * torch.log(probs.clamp_min(1e-30))  # masked keys: p = 0 contributes 0, not 0 * -inf
         total += -p_log_p.sum(-1).mean(-1)
     return total / x.size(0)
@@ -165,8 +170,8 @@ def measure_activations(model: GPT, idx: torch.Tensor, autocast: contextlib.Abst
         stats["gelu_std"].append(out.float().std())
         stats["gelu_near_zero"].append((out.abs() < GELU_NEAR_ZERO).float().mean())
 
-    def attention_input(module, inputs):
-        stats["attention_entropy"].append(attention_entropy(module, inputs[0]))
+    def attention_input(module, inputs):  # inputs: (x, attn_mask, rotary tables or None), as Block passes them
+        stats["attention_entropy"].append(attention_entropy(module, inputs[0], inputs[2]))
 
     handles = [model.transformer.drop.register_forward_hook(residual)]  # the embeddings: depth 0
     for block in model.transformer.h:
@@ -205,8 +210,9 @@ class HealthMonitor:
     """
 
     def __init__(self, model: GPT, path: str | Path, interval: int, grad_clip: float, autocast=contextlib.nullcontext,
-                 enabled: bool = True, log=print):
+                 enabled: bool = True, log=print, muon: bool = False):
         self.model = model
+        self.muon = muon  # the blocks step with Muon: their ratios are recorded, not warned about
         self.path = Path(path)
         self.interval = interval if enabled else 0
         self.grad_clip = grad_clip
@@ -246,6 +252,8 @@ class HealthMonitor:
         if nonfinite:
             warnings.append(f"non-finite gradient norm at step {step} in {', '.join(nonfinite)}")
         for layer, entry in layers.items():
+            if self.muon and layer.startswith("h."):
+                continue
             ratio = entry["update_ratio"]
             if ratio is None:
                 side = None

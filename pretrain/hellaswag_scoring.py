@@ -8,6 +8,7 @@ each ending alone with a full forward. Under torch.distributed the examples are 
 summed, so every rank gets the result one process would.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,7 @@ def attention_mask(segments: torch.Tensor) -> torch.Tensor:
     return (causal & same_or_context).unsqueeze(1)
 
 
-def score_batch(body, head_weight: torch.Tensor, batch: list[PackedExample], rt: Runtime) -> torch.Tensor:
+def score_batch(body, head, batch: list[PackedExample], rt: Runtime) -> torch.Tensor:
     """Summed loss of each ending, (len(batch), 4), from one forward over the packed rows."""
     device = rt.device
     T = max(len(p.tokens) for p in batch)
@@ -119,7 +120,7 @@ def score_batch(body, head_weight: torch.Tensor, batch: list[PackedExample], rt:
     rows, cols, targets, buckets = (torch.tensor(x, device=device) for x in (rows, cols, targets, buckets))
     with rt.autocast():
         hidden = body(tokens, positions, attention_mask(segments))
-        logits = F.linear(hidden[rows, cols], head_weight)
+        logits = head(hidden[rows, cols])
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     sums = torch.zeros(4 * len(batch), device=device).index_add_(0, buckets, losses)
     return sums.view(len(batch), 4)
@@ -132,7 +133,7 @@ def ending_losses(model: torch.nn.Module, examples: list[Example], rt: Runtime, 
     torch.compile (the body then runs compiled too); its train/eval mode is restored afterwards."""
     raw, body = parallel.scoring_body(model, rt)
     # Only the tokenizer's ids: the padded vocabulary rows (50257 -> 50304) are never real tokens.
-    head_weight = raw.lm_head.weight[:min(tokenizer.N_VOCAB, raw.config.vocab_size)]
+    head = functools.partial(raw.logits, n_vocab=min(tokenizer.N_VOCAB, raw.config.vocab_size))
     packed = [pack(example, raw.config.block_size) for example in examples]
     # Longest first, so a batch too large for memory fails at once; similar lengths together waste little padding.
     order = sorted(range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True)
@@ -143,7 +144,7 @@ def ending_losses(model: torch.nn.Module, examples: list[Example], rt: Runtime, 
         with tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                losses[chunk] = score_batch(body, head_weight, [packed[i] for i in chunk], rt)
+                losses[chunk] = score_batch(body, head, [packed[i] for i in chunk], rt)
                 bar.update(len(chunk))
     finally:
         raw.train(was_training)

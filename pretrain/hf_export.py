@@ -14,8 +14,18 @@ import torch
 
 from model import CONV1D_WEIGHTS, GPT
 from pretrain import tokenizer
-from pretrain.errors import missing_package
+from pretrain.errors import UserError, missing_package
 from pretrain.fileio import atomic_path, atomic_write_text
+
+
+def refuse_modern(model: GPT) -> None:
+    """Hugging Face's GPT-2 layout holds GPT-2's architecture only: a model with the modern flags cannot be written
+    as one (it would load, and compute something else)."""
+    if not model.config.is_gpt2():
+        raise UserError(f"this model is not GPT-2's architecture ({', '.join(model.config.modern_flags())}), and "
+                        "Hugging Face's GPT-2 layout has no rotary positions, RMSNorm, QK-norm, ReLU², untied head or "
+                        "soft-cap: evaluate it with evaluate.py or hellaswag.py and sample it with sample.py, which "
+                        "read our checkpoints directly")
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -98,6 +108,7 @@ def write_tokenizer(out_dir: Path, model_max_length: int) -> None:
 
 def export(model: GPT, out_dir: str | Path) -> Path:
     """Write the Hugging Face GPT-2 folder; each file appears complete or not at all."""
+    refuse_modern(model)
     try:
         from safetensors.torch import save_file
     except ImportError:

@@ -32,9 +32,11 @@ GPU_PEAK_TFLOPS = {
 
 def flops_per_token(model: GPT, seq_len: int) -> float:
     """Training FLOPs per token (PaLM appendix B): 6N for the matmuls of forward+backward, plus attention's
-    12 * n_layer * n_head * head_dim * T. N counts every parameter, the tied embedding once."""
+    12 * n_layer * n_head * head_dim * T. N counts every parameter, the tied embedding once; an untied token
+    embedding is looked up, not multiplied, and is left out."""
     cfg = model.config
-    return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+    n = model.num_params() - (0 if cfg.tie_head else model.transformer.wte.weight.numel())
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> float | None:

@@ -39,6 +39,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model import GPTConfig
 from pretrain import checkpoint, distributed
 from pretrain.checkpoint import CheckpointError
 from pretrain.errors import UserError
@@ -56,7 +57,10 @@ TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\.tmp\.\d+$")  # fileio.atomic_path's temp
 # What a resumed run needs of a checkpoint (checkpoint.save_training_state writes them all).
 RESUME_KEYS = ("model", "optimizer", "step", "tokens_seen", "train_loader", "rng", "config", "world_size")
 # Model settings that change the parameters' shapes or meaning: a checkpoint only resumes with the same ones.
-MODEL_SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+# What the weights are: a checkpoint resumes only into the same (zero_init_proj and dropout change no weight's role).
+GPT2_DEFAULTS = dataclasses.asdict(GPTConfig())
+MODEL_SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "position", "norm", "qk_norm",
+                    "activation", "tie_head", "logit_softcap")
 
 
 class RunDirError(UserError):
@@ -297,6 +301,11 @@ def _choose(run: RunDir, resume: str, config: dict) -> Start:
     if differences:
         raise CheckpointError(f"cannot resume from {path}: the model differs ({', '.join(differences)}); use the "
                               "checkpoint's model settings, or another --train.out_dir to start afresh")
+    saved_optimizer = state["config"].get("optim", {}).get("name", "adamw")
+    if saved_optimizer != config["optim"]["name"]:
+        raise CheckpointError(f"cannot resume from {path}: it was trained with optim.name={saved_optimizer}, whose "
+                              f"state {config['optim']['name']} cannot take over; resume with "
+                              f"--optim.name={saved_optimizer}, or start afresh in another --train.out_dir")
     if path.parent.resolve() != run.path.resolve():
         _refuse_if_taken(run, f"resuming from {path} (another folder), but")
     _refuse_newer(run, path, state["step"])
@@ -381,7 +390,7 @@ def _refuse_newer(run: RunDir, path: Path, step: int) -> None:
 def model_differences(saved_config: dict, model_config: dict) -> list[str]:
     """The model settings that differ between a checkpoint's config and this run's model config, as
     'key saved -> now'."""
-    saved_model = saved_config.get("model", {})
+    saved_model = {**GPT2_DEFAULTS, **saved_config.get("model", {})}  # a key older checkpoints lack is GPT-2's
     return [f"model.{key} {saved_model.get(key)!r} -> {model_config[key]!r}" for key in MODEL_SHAPE_KEYS
             if saved_model.get(key) != model_config[key]]
 

@@ -100,8 +100,11 @@ def describe_run(cfg: Config, model: GPT, rt: Runtime, world_size: int, accum_st
                  flops: float) -> list[str]:
     """The lines a run starts with: the model, the precision and why, the batch arithmetic and the MFU basis."""
     peak_text = "unknown (set train.peak_tflops)" if peak is None else f"{peak:.4g} TFLOP/s"
+    modern = [*cfg.model.modern_flags(), *(["Muon"] if cfg.optim.name == "muon" else []),
+              *(["wsd schedule"] if cfg.optim.schedule == "wsd" else [])]
+    recipe = f" ({', '.join(modern)})" if modern else ""
     return [f"model: {model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_embd} "
-            f"wide | {rt.describe()} x {world_size}",
+            f"wide{recipe} | {rt.describe()} x {world_size}",
             f"precision: {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason})",
             f"batch: {cfg.data.total_batch_tokens} tokens/step = {cfg.data.micro_batch_size} x {cfg.data.seq_len} x "
             f"{world_size} ranks x {accum_steps} accumulation steps | MFU peak {peak_text} per device, "

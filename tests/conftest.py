@@ -28,6 +28,16 @@ for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_SILEN
     os.environ.setdefault(_key, QUIET_ENV[_key])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def matplotlib_font_cache():
+    """matplotlib builds its font cache at its first import on a machine (running fc-list): built here, once,
+    before any quick test, which may not start processes."""
+    try:
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:
+        pass
+
+
 @pytest.fixture(autouse=True)
 def quick_tests_start_no_process(request, monkeypatch):
     """A test not marked slow may not start a process: starting one is what makes a test slow."""

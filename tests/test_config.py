@@ -85,6 +85,30 @@ def test_124M_config_is_the_reference_recipe():
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay, cfg.optim.grad_clip) == (0.9, 0.95, 0.1, 1.0)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("gpt2-*.toml")), ids=lambda p: p.name)
+def test_gpt2_configs_are_gpt2(path):
+    """The modern recipe is opt-in: no flag of it in a GPT-2 config, and the defaults are GPT-2's."""
+    cfg = load_config(["--config", str(path)])
+    if path.stem.endswith("-modern"):
+        assert not cfg.model.is_gpt2() and cfg.optim.name == "muon"
+        return
+    assert cfg.model.is_gpt2() and cfg.model.modern_flags() == []
+    assert (cfg.optim.name, cfg.optim.schedule) == ("adamw", "cosine")
+
+
+def test_the_modern_demo_compares_directly_with_the_demo():
+    """demo-modern.toml changes the recipe, not what it is measured on: the same shape, data, tokens per step, steps
+    and evaluation."""
+    demo, modern = (load_config(["--config", str(ROOT / "configs" / name)]) for name in ("demo.toml",
+                                                                                          "demo-modern.toml"))
+    assert demo.data == modern.data
+    shape = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "dropout")
+    assert [getattr(demo.model, k) for k in shape] == [getattr(modern.model, k) for k in shape]
+    same_train = ("max_steps", "eval_interval", "val_steps", "seed")
+    assert [getattr(demo.train, k) for k in same_train] == [getattr(modern.train, k) for k in same_train]
+    assert modern.model.modern_flags() and modern.optim.name == "muon"
+
+
 @pytest.mark.slow
 def test_help_lists_every_key_with_its_default():
     out = run_script("train_gpt2.py", "--help").stdout

@@ -36,7 +36,7 @@ def gradients(loss: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
 def test_chunked_head_loss_and_gradients_match_plain_cross_entropy(chunk):
     x, weight, targets = head_inputs()
     plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
-    chunked = ChunkedHeadLoss.apply(x, weight, targets, chunk)
+    chunked = ChunkedHeadLoss.apply(x, weight, targets, chunk, 0.0)
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-12)
     # a loss scaled downstream (as by gradient accumulation) scales the gradients too
     for got, want in zip(gradients(chunked * 0.5, x, weight), gradients(plain * 0.5, x, weight)):
@@ -46,7 +46,7 @@ def test_chunked_head_loss_and_gradients_match_plain_cross_entropy(chunk):
 def test_chunked_head_ignores_only_the_ignored_targets():
     x, weight, targets = head_inputs()
     keep = targets != -1
-    chunked = ChunkedHeadLoss.apply(x, weight, targets, 8)
+    chunked = ChunkedHeadLoss.apply(x, weight, targets, 8, 0.0)
     plain_kept = F.cross_entropy(x[keep] @ weight.t(), targets[keep])
     assert chunked.item() == pytest.approx(plain_kept.item(), rel=1e-12)
     grad_x, = gradients(chunked, x)
@@ -75,7 +75,7 @@ def test_chunked_head_under_bfloat16_autocast_is_close_to_the_plain_head():
     x, weight = x.float().detach().requires_grad_(), weight.float().detach().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
-        chunked = ChunkedHeadLoss.apply(x, weight, targets, 8)
+        chunked = ChunkedHeadLoss.apply(x, weight, targets, 8, 0.0)
     assert chunked.dtype == torch.float32
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-3)  # bfloat16 logits: ~3 significant digits
     for got, want in zip(gradients(chunked, x, weight), gradients(plain, x, weight)):
@@ -284,3 +284,33 @@ def test_bench_reports_each_variant_against_the_anchor(tiny_shards, tmp_path):
         achieved / (results["measured_peak_tflops"]["float32"] * 1e12))
     # the plain head holds ~4 arrays of 128 x 50304 float32 (26 MB each) at once; the chunked head one of 32 rows
     assert rows["default"]["peak_memory_bytes"] < 0.5 * rows["plain_head"]["peak_memory_bytes"]
+
+
+@pytest.mark.slow
+def test_bench_compares_the_modern_recipe_and_times_the_optimizer(tiny_shards, tmp_path):
+    """--bench.compare runs another config's model and optimizer on the same batches, and other_optim swaps AdamW
+    for Muon: each row says what it ran, and the optimizer's share of the step is timed within the step."""
+    report = tmp_path / "bench.json"
+    run_script("bench.py", "--config", "configs/demo.toml", f"--data.dir={tiny_shards}", "--data.demo=false",
+               "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+               "--data.seq_len=32", "--data.micro_batch_size=4", "--train.dtype=float32", "--train.compile=false",
+               "--bench.compare=configs/demo-modern.toml", "--bench.variants=default,other_optim,compare",
+               "--bench.rounds=2", "--bench.steps=1", "--bench.warmup=0", "--bench.memory=false",
+               f"--bench.json={report}", timeout=120)
+    rows = {row["variant"]: row for row in json.loads(report.read_text())["rows"]}
+    assert list(rows) == ["default", "muon", "demo-modern"]
+    assert rows["muon"]["settings"] == "chunked head (1024), Muon + fused AdamW, eager, float32, GELU recomputed"
+    assert rows["demo-modern"]["settings"].startswith(
+        "rope, rmsnorm, qk-norm, relu2, untied head, zero-init projections, logit soft-cap 15, chunked head (1024), "
+        "Muon + fused AdamW")
+    for row in rows.values():
+        assert 0 < row["optimizer_ms"] < row["ms_per_step"]
+        assert row["optimizer_share"] == pytest.approx(row["optimizer_ms"] / row["ms_per_step"])
+    # MFU counts the modern model's matmuls: the untied token embedding is looked up, not multiplied, so the
+    # head's 50304 x C counts once in both models (tiny: C=32, one block, seq_len 32)
+    C = 32
+    gpt2_n = 50304 * C + 32 * C + (12 * C * C + 13 * C) + 2 * C
+    modern_n = 50304 * C + (12 * C * C + 11 * C) + C  # no wpe; RMSNorm has gains only, no biases
+    ratio = rows["demo-modern"]["mfu_measured_peak"] / rows["demo-modern"]["tokens_per_s"]
+    gpt2_ratio = rows["default"]["mfu_measured_peak"] / rows["default"]["tokens_per_s"]
+    assert ratio / gpt2_ratio == pytest.approx((6 * modern_n + 12 * C * 32) / (6 * gpt2_n + 12 * C * 32))
