@@ -51,6 +51,16 @@ def quick_tests_start_no_process(request, monkeypatch):
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's in-process work (pytestmark = pytest.mark.usefixtures(...)): its models
+    are tiny, and on a busy 2-core machine two threads wait on each other for tens of seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def keep_matmul_precision():
     """train_gpt2.main sets the process-wide float32 matmul precision; later tests in this process compare at

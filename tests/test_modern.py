@@ -41,14 +41,7 @@ FLOAT32 = runtime.resolve("cpu", "float32", False)
 NS_COEFFICIENTS, NS_STEPS, NS_EPS = (3.4445, -4.7750, 2.0315), 5, 1e-7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """This process's tensors on one thread: the models here are tiny, and on a busy 2-core machine two threads wait
-    on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def working_model(config: GPTConfig, seed: int = 0, scale: float = 0.1) -> GPT:

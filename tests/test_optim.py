@@ -45,6 +45,49 @@ def test_every_group_steps_at_the_scheduled_learning_rate(tiny_shards, tmp_path,
     assert logged == [group[0][0] for group in applied]  # the log says what was applied
 
 
+def wsd(step: int, decay_frac: float) -> float:
+    """The wsd schedule written out: the same warmup, PEAK until the last decay_frac of STEPS, then a straight line
+    that would reach LOW one step after the last."""
+    decay_steps = round(decay_frac * STEPS)
+    if step < WARMUP:
+        return PEAK * (step + 1) / WARMUP
+    if step < STEPS - decay_steps:
+        return PEAK
+    return LOW + (PEAK - LOW) * (STEPS - step) / decay_steps
+
+
+def test_muons_and_adamws_groups_step_at_the_wsd_rate_each_from_its_own_peak(tiny_shards, tmp_path, monkeypatch):
+    """optim.name=muon: Muon's group (the blocks' matrices) at muon_lr, AdamW's at lr, both along the same wsd curve,
+    as each optimizer's step reads them."""
+    applied = {"Muon": [], "AdamW": []}
+
+    def spy_on(cls):
+        real_step = cls.step
+
+        def spy(self, *args, **kwargs):
+            applied[cls.__name__].append([(group["lr"], group["weight_decay"]) for group in self.param_groups])
+            return real_step(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "step", spy)
+    spy_on(torch.optim.Muon)
+    spy_on(torch.optim.AdamW)
+    muon_peak = 0.02
+    train_gpt2.main(tiny_run(tiny_shards, tmp_path, f"--train.max_steps={STEPS}", f"--optim.warmup_steps={WARMUP}",
+                             f"--optim.lr={PEAK}", f"--optim.min_lr={LOW}", "--optim.weight_decay=0.1",
+                             "--optim.name=muon", f"--optim.muon_lr={muon_peak}", "--optim.schedule=wsd",
+                             "--optim.decay_frac=0.4", "--train.eval_interval=0"))
+    assert len(applied["Muon"]) == len(applied["AdamW"]) == STEPS
+    for step in range(STEPS):
+        (muon,), (decayed, undecayed) = applied["Muon"][step], applied["AdamW"][step]
+        assert muon == (pytest.approx(wsd(step, 0.4) * muon_peak / PEAK, rel=1e-12), 0.1), step
+        assert decayed == (pytest.approx(wsd(step, 0.4), rel=1e-12), 0.1), step
+        assert undecayed == (pytest.approx(wsd(step, 0.4), rel=1e-12), 0.0), step
+    # the last 4 steps decay: from the peak at step 6, down a quarter of the way to LOW per step
+    assert [wsd(s, 0.4) for s in (5, 6, 7, 9)] == [PEAK, PEAK, pytest.approx(LOW + 0.75 * (PEAK - LOW)),
+                                                   pytest.approx(LOW + 0.25 * (PEAK - LOW))]
+    logged = [r["lr"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert logged == [groups[0][0] for groups in applied["AdamW"]]
+
+
 def test_the_schedule_ends_at_min_lr_and_never_goes_below():
     optim = OptimConfig(lr=PEAK, min_lr=LOW, warmup_steps=WARMUP)
     assert lr_at(STEPS, optim, STEPS) == LOW

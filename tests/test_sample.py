@@ -12,14 +12,7 @@ from pretrain.sampling import generate_text
 PROMPT = "def parse(self"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Sampling in this process on one thread: on a busy 2-core machine two threads wait on each other for
-    tens of seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
