@@ -128,6 +128,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+MOVED_KEYS = {"model.loss_chunk": "train.loss_chunk", "model.recompute_gelu": "train.recompute_gelu"}
+
+
 class ConfigError(UserError):
     """A config file, key or value that cannot be used; the message names it and says what is valid."""
 
@@ -186,6 +189,8 @@ def _set(cfg: Config, key: str, value, from_cli: bool) -> None:
     section_name, _, name = key.partition(".")
     section = _sections(cfg).get(section_name)
     keys = declarations(section) if section is not None else {}
+    if key in MOVED_KEYS:
+        raise ConfigError(f"{key} is now {MOVED_KEYS[key]} (how training computes, not what the model is)")
     if name not in keys:
         raise ConfigError(f"unknown config key '{key}'. Valid keys: {', '.join(valid_keys(cfg))}")
     expected, _ = keys[name]

@@ -131,3 +131,9 @@ def test_lr_schedule():
     assert lr_at(110, **kw) == pytest.approx(6e-5) and lr_at(500, **kw) == pytest.approx(6e-5)
     values = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+
+
+def test_a_key_that_moved_says_where_it_went():
+    with pytest.raises(ConfigError, match=r"^model.loss_chunk is now train.loss_chunk"):
+        load_config(["--model.loss_chunk=512"])
+    assert load_config(["--train.loss_chunk=512"]).train.loss_chunk == 512
