@@ -672,6 +672,25 @@ def test_modern_muon_run_resumes_exactly_on_two_ranks(tiny_shards, tmp_path):
     assert len(load_checkpoint(split / "ckpt_000006.pt")["rng"]) == 2
 
 
+@pytest.mark.slow
+def test_modern_recipe_compiled_on_two_ranks_matches_one_eager_process(tiny_shards, tmp_path):
+    """DDP and torch.compile with every modern flag and Muon: two compiled ranks (aot_eager: inductor's graphs, run
+    eagerly) take the steps one eager process takes with twice the accumulation. Each rank orthogonalises the same
+    all-reduced gradient; what differs is the float32 sum of the two halves."""
+    common = [*MODERN_ARGS, "--train.max_steps=3", "--train.eval_interval=0"]
+    run_script(*train_args(tiny_shards, tmp_path / "single", *common))
+    result = run_script(*torchrun("--standalone", "--nproc_per_node=2", *train_args(
+        tiny_shards, tmp_path / "ddp", *common, "--train.compile=true", "--train.compile_backend=aot_eager")))
+    assert "compiled (aot_eager) x 2" in result.stdout
+    single, ddp = (read_metrics(tmp_path / name) for name in ("single", "ddp"))
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [0, 1, 2]
+    for record, expected in zip(ddp, single):
+        assert record["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+        assert record["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+    final, expected = (load_checkpoint(tmp_path / name / "ckpt_000003.pt")["model"] for name in ("ddp", "single"))
+    assert max((final[k] - v).abs().max().item() for k, v in expected.items()) <= 1e-5
+
+
 def hellaswag_rows(n: int) -> list[dict]:
     """n HellaSwag rows short enough for a 32-token model: contexts of 5 to 10 words, endings of 1 to 4."""
     words = "the man woman then ball car floor wall cake table chair door game water hand".split()
