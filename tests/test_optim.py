@@ -114,3 +114,15 @@ def test_a_runs_mfu_is_its_flops_per_second_against_the_peak(tiny_shards, tmp_pa
     for record in (r for r in read_metrics(tmp_path) if "loss" in r):
         assert record["tokens_per_s"] == pytest.approx(256 / (record["ms"] / 1000), rel=1e-9)
         assert record["mfu"] == pytest.approx(flops * record["tokens_per_s"] / 1000e12, rel=1e-9)
+
+
+def test_an_untied_heads_flops_count_the_head_once_and_no_lookup_table():
+    """An untied token embedding is looked up, not multiplied: the untied model does the tied one's matmuls (its
+    head included once), and a rotary model has no position table to count."""
+    C, L, T = 64, 2, 32
+    shape = dict(block_size=32, n_layer=L, n_head=2, n_embd=C)
+    tied, untied = GPT(GPTConfig(**shape)), GPT(GPTConfig(**shape, tie_head=False))
+    assert untied.num_params() == tied.num_params() + 50304 * C
+    assert flops_per_token(untied, T) == flops_per_token(tied, T)
+    rotary = GPT(GPTConfig(**shape, position="rope"))
+    assert flops_per_token(rotary, T) == flops_per_token(tied, T) - 6 * 32 * C  # the 32 x C wpe table is gone

@@ -301,12 +301,12 @@ def test_bench_compares_the_modern_recipe_and_times_the_optimizer(tiny_shards, t
     assert list(rows) == ["default", "muon", "demo-modern"]
     assert rows["muon"]["settings"] == "chunked head (1024), Muon + fused AdamW, eager, float32, GELU recomputed"
     assert rows["demo-modern"]["settings"].startswith(
-        "rope, rmsnorm, qk-norm, relu2, untied head, zero-init projections, chunked head (1024), Muon + fused AdamW")
+        "rope, rmsnorm, qk-norm, relu2, zero-init projections, chunked head (1024), Muon + fused AdamW")
     for row in rows.values():
         assert 0 < row["optimizer_ms"] < row["ms_per_step"]
         assert row["optimizer_share"] == pytest.approx(row["optimizer_ms"] / row["ms_per_step"])
-    # MFU counts the modern model's matmuls: the untied token embedding is looked up, not multiplied, so the
-    # head's 50304 x C counts once in both models (tiny: C=32, one block, seq_len 32)
+    # MFU counts the modern model's matmuls: the tied head's 50304 x C once, no position table (tiny: C=32, one
+    # block, seq_len 32)
     C = 32
     gpt2_n = 50304 * C + 32 * C + (12 * C * C + 13 * C) + 2 * C
     modern_n = 50304 * C + (12 * C * C + 11 * C) + C  # no wpe; RMSNorm has gains only, no biases
