@@ -88,7 +88,8 @@ class Variant:
         optimizer = f"Muon + {adamw}" if self.optimizer == "muon" else adamw
         compiled = "compiled" if self.compile else "eager"
         checkpointing = ", act. ckpt" if self.activation_checkpointing else ""
-        gelu = ", GELU recomputed" if self.recompute_gelu and not self.compile else ""
+        recomputes = self.recompute_gelu and not self.compile and self.config.model.activation == "gelu"
+        gelu = ", GELU recomputed" if recomputes else ""
         model = ", ".join(self.config.model.modern_flags())
         return f"{model + ', ' if model else ''}{head}, {optimizer}, {compiled}, {dtype}{gelu}{checkpointing}"
 
