@@ -29,15 +29,15 @@ from pretrain.optim import build_optimizer, lr_at
 from pretrain.progress import Progress
 from pretrain.trainer import (
     Checkpoints,
-    CoreMetric,
-    HellaSwagAccuracy,
     NonFiniteGuard,
     Samples,
     StepTimer,
     ValidationLoss,
     build_loaders,
     build_model,
+    core_metric,
     describe_run,
+    hellaswag_accuracy,
     prepare_data,
     run_due,
     step_record,
@@ -110,8 +110,8 @@ def train(cfg: Config, dist_info: distributed.DistInfo, run: run_dir.RunDir) -> 
     # under FSDP every rank runs the forward passes of the samples (they gather the shards); only rank 0 prints
     samples_here = master or parallel.is_sharded(model)
     jobs = [ValidationLoss(cfg, model, val_loader, rt, logger),
-            HellaSwagAccuracy(cfg, model, hellaswag_data, rt, logger),
-            CoreMetric(cfg, model, core_data, rt, logger),
+            hellaswag_accuracy(cfg, model, hellaswag_data, rt, logger),
+            core_metric(cfg, model, core_data, rt, logger),
             Samples(cfg, model, rt, logger, samples_here)]
     checkpoints = Checkpoints(cfg, run, model, optimizer, train_loader, config_dict, rt, logger)
     # health warnings go through the logger, above the progress bar

@@ -229,34 +229,31 @@ class ValidationLoss(PeriodicJob):
         self.logger.log(record, line)
 
 
-class HellaSwagAccuracy(PeriodicJob):
-    """HellaSwag acc and acc_norm (train.hellaswag_style) on the examples loaded at startup, each rank its share."""
+class Benchmark(PeriodicJob):
+    """A benchmark loaded at startup (HellaSwag, CORE), scored every `interval` steps by score(model, data, rt), each
+    rank its share; the result's metrics() go to metrics.jsonl and its text to the log."""
 
-    key = "hellaswag_acc_norm"
-
-    def __init__(self, cfg: Config, model: torch.nn.Module, data: HellaSwagData | None, rt: Runtime,
+    def __init__(self, key: str, interval: int, score, data, max_steps: int, model: torch.nn.Module, rt: Runtime,
                  logger: MetricsLogger):
-        super().__init__(cfg.train.hellaswag_interval if data is not None else 0, cfg.train.max_steps)
-        self.model, self.data, self.rt, self.logger = model, data, rt, logger
+        super().__init__(interval if data is not None else 0, max_steps)
+        self.key, self.score, self.data, self.model, self.rt, self.logger = key, score, data, model, rt, logger
 
     def __call__(self, step: int) -> None:
-        result = hellaswag_scoring.evaluate(self.model, self.data, self.rt)
+        result = self.score(self.model, self.data, self.rt)
         self.logger.log({"step": step, **result.metrics()}, f"step {step:6d} | {result}")
 
 
-class CoreMetric(PeriodicJob):
-    """The CORE metric on the tasks loaded at startup (train.core_max_per_task items each), each rank its share."""
+def hellaswag_accuracy(cfg: Config, model: torch.nn.Module, data: HellaSwagData | None, rt: Runtime,
+                       logger: MetricsLogger) -> Benchmark:
+    """HellaSwag acc and acc_norm (train.hellaswag_style) on the examples loaded at startup."""
+    return Benchmark("hellaswag_acc_norm", cfg.train.hellaswag_interval, hellaswag_scoring.evaluate, data,
+                     cfg.train.max_steps, model, rt, logger)
 
-    key = "core"
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, data: CoreData | None, rt: Runtime,
-                 logger: MetricsLogger):
-        super().__init__(cfg.train.core_interval if data is not None else 0, cfg.train.max_steps)
-        self.model, self.data, self.rt, self.logger = model, data, rt, logger
-
-    def __call__(self, step: int) -> None:
-        result = evaluate_core(self.model, self.data, self.rt)
-        self.logger.log({"step": step, **result.metrics()}, f"step {step:6d} | {result}")
+def core_metric(cfg: Config, model: torch.nn.Module, data: CoreData | None, rt: Runtime,
+                logger: MetricsLogger) -> Benchmark:
+    """The CORE metric on the tasks loaded at startup (train.core_max_per_task items each)."""
+    return Benchmark("core", cfg.train.core_interval, evaluate_core, data, cfg.train.max_steps, model, rt, logger)
 
 
 class Samples(PeriodicJob):
