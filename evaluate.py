@@ -41,11 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16,
                         help="rows of block_size tokens per forward (CORE packs more of shorter rows); HellaSwag: "
                              "examples per forward (default: 16)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
-                        help="auto, bfloat16 or float32 (default: auto, as training)")
-    parser.add_argument("--compile", default="auto", choices=runtime.COMPILE_SETTINGS,
-                        help="torch.compile: auto (on for CUDA), true or false")
+    runtime.add_arguments(parser)
     parser.add_argument("--output", help="write the results and the settings to this JSON file")
     args = parser.parse_args(argv)
     args.tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]

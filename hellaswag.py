@@ -27,11 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                    f"dataset {DATASET}, validation split)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward (default: 16)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
-                        help="auto, bfloat16 or float32 (default: auto, as training)")
-    parser.add_argument("--compile", default="auto", choices=runtime.COMPILE_SETTINGS,
-                        help="torch.compile: auto (on for CUDA), true or false")
+    runtime.add_arguments(parser)
     parser.add_argument("--output", help="write the result and the settings to this JSON file")
     args = parser.parse_args(argv)
     if args.limit < 0 or args.batch_size < 1:

@@ -24,6 +24,7 @@ import requests
 import yaml
 
 from pretrain.errors import UserError
+from pretrain.fileio import located_rows
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's
 CACHE_ENV = "PRETRAIN_CACHE"  # overrides ~/.cache/pretrain, where the bundle is downloaded to
@@ -137,22 +138,8 @@ def read_baselines(path: Path) -> dict[str, tuple[str, str]]:
 
 def read_rows(path: Path, task_type: str) -> list[tuple[str, dict]]:
     """The checked rows of a task's jsonl file, each with where it came from."""
-    if not path.is_file():
-        raise CoreError(f"task data file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CoreError(f"{where}: not valid JSON ({e.msg})") from None
-            rows.append((where, check_row(row, task_type, where)))
-    if not rows:
-        raise CoreError(f"task data file {path} holds no rows")
-    return rows
+    return [(where, check_row(row, task_type, where)) for where, row in located_rows(path, CoreError,
+                                                                                      "task data file")]
 
 
 def check_row(row, task_type: str, where: str) -> dict:

@@ -119,3 +119,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 break
             raise RecordsError(f"{path}, line {number}: not a JSON record: {line[:80]!r}") from None
     return records
+
+
+def located_rows(path: str | Path, error: type[Exception], what: str) -> list[tuple[str, object]]:
+    """The rows of a hand-made jsonl data file (HellaSwag's, a CORE task's), each with where it came from ("FILE
+    line N") for the caller's checks; blank lines are skipped. A missing file, a line that is not JSON or a file
+    without rows raises `error`, naming the file as `what` (e.g. "HellaSwag data file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist (expected a jsonl file: one JSON object per line)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path} line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise error(f"{path} line {number}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise error(f"{what} {path} holds no rows")
+    return rows

@@ -9,13 +9,13 @@ OpenAI's GPT-2 124M on the 10,042 validation rows: completion 0.2859 / 0.2955, h
 acc_norm). The scoring itself (the fast path, and the split over ranks) is in hellaswag_scoring.py.
 """
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain import tokenizer
 from pretrain.errors import UserError
+from pretrain.fileio import located_rows
 from pretrain.sources import _network_errors
 
 DATASET = "Rowan/hellaswag"
@@ -82,23 +82,9 @@ def check_row(row, where: str) -> dict:
     return {**{name: row[name] for name in TEXT_FIELDS}, "endings": list(endings), "label": label}
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
-    """The rows of a jsonl file, each with where it came from ("FILE line N"), for error messages."""
-    path = Path(path)
-    if not path.is_file():
-        raise HellaSwagError(f"HellaSwag data file {path} does not exist (expected a jsonl file of HellaSwag rows)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path} line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise HellaSwagError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-    if not rows:
-        raise HellaSwagError(f"HellaSwag data file {path} holds no rows")
-    return rows
+def read_rows(path: str | Path) -> list[tuple[str, object]]:
+    """The rows of a local HellaSwag jsonl file, each with where it came from ("FILE line N"), for error messages."""
+    return located_rows(path, HellaSwagError, "HellaSwag data file")
 
 
 def download_rows(limit: int = 0) -> list[tuple[str, object]]:
@@ -118,7 +104,7 @@ def download_rows(limit: int = 0) -> list[tuple[str, object]]:
 def load_rows(data: str | Path = "", limit: int = 0) -> list[dict]:
     """Checked rows from a local jsonl file (data), or from the Hub dataset when data is empty; the first `limit`
     rows only when limit > 0."""
-    named = read_jsonl(data) if data else download_rows(limit)
+    named = read_rows(data) if data else download_rows(limit)
     if limit:
         named = named[:limit]
     return [check_row(row, where) for where, row in named]

@@ -183,6 +183,15 @@ class Runtime:
         return f"{self.device}, {str(self.dtype).removeprefix('torch.')}, {compiled}"
 
 
+def add_arguments(parser) -> None:
+    """--device, --dtype and --compile for an evaluation program's argparse parser, with training's choices."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="auto, bfloat16 or float32 (default: auto, as training)")
+    parser.add_argument("--compile", default="auto", choices=COMPILE_SETTINGS,
+                        help="torch.compile: auto (on for CUDA), true or false")
+
+
 def resolve(device: str | torch.device = "auto", dtype: str = "auto", compile: str | bool = "auto",
             local_rank: int = 0, agree=lambda choice: choice, compile_backend: str = "inductor") -> Runtime:
     """Turn the user's settings (auto or explicit) into this machine's device, dtype and compile choice; `agree`
