@@ -9,6 +9,7 @@ Helpers shared by test modules are in helpers.py.
 
 import multiprocessing.process
 import os
+import signal
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -22,6 +23,12 @@ from helpers import free_port as _free_port
 from pretrain import tokenizer
 from pretrain.core_bundle import write_bundle
 from pretrain.shards import write_shard
+
+# A suite started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored, and so would every program
+# a test starts: the Ctrl-C tests would send signals nobody hears. Python's own handler here is reset to the default in
+# the programs the tests start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # No test reaches the network (Hugging Face Hub, W&B), in this process or the ones it starts.
 for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_SILENT"):
