@@ -238,7 +238,6 @@ class Bench:
     each variant has its own optimizer, and its own compiled module when it compiles."""
 
     def __init__(self, cfg, rt: runtime.Runtime, variants: list[Variant]):
-        runtime.seed_everything(cfg.train.seed)
         self.cfg, self.rt = cfg, rt
         self.batches = Batches(cfg)
         self.models, self.optimizers, self.modules, self.optimizer_ms = {}, {}, {}, {}

@@ -58,8 +58,7 @@ class GPTConfig:
 
     def is_gpt2(self) -> bool:
         """Whether this is GPT-2's architecture (every modern flag off): what Hugging Face's GPT-2 layout holds."""
-        return (self.position, self.norm, self.qk_norm, self.activation, self.tie_head, self.zero_init_proj,
-                self.logit_softcap) == ("learned", "layernorm", False, "gelu", True, False, 0.0)
+        return not self.modern_flags()
 
     def modern_flags(self) -> list[str]:
         """The flags that differ from GPT-2, as a reader would name them."""

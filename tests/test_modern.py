@@ -25,6 +25,7 @@ from pretrain import hf_export, optim, run_dir, runtime, tokenizer
 from pretrain.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from pretrain.config import Config, ConfigError, OptimConfig, load_config, to_dict
 from pretrain.errors import UserError
+from pretrain.health import HIGH_RATIO, WARN_AFTER, HealthMonitor
 from pretrain.hellaswag import Example, load
 from pretrain.hellaswag_scoring import attention_mask, ending_losses, evaluate, pack
 from pretrain.optim import Muon, MuonWithAdamW, build_optimizer, lr_at, newton_schulz, set_lr
@@ -783,3 +784,15 @@ def test_train_gpt2_py_runs_the_modern_demo_config(tiny_shards, tmp_path):
     assert saved["config"]["model"] == {**saved["config"]["model"], **MODERN_FLAGS, "tie_head": True,
                                         "logit_softcap": 0.0}
     assert saved["config"]["optim"]["name"] == "muon" and saved["config"]["optim"]["schedule"] == "wsd"
+
+
+def test_under_muon_only_the_adamw_layers_ratio_warnings_remain(tmp_path):
+    """Muon's step size is set by the LR and the shape, so the blocks' update ratios are recorded but not warned
+    about; the AdamW layers' ratios and non-finite gradients still warn."""
+    model = GPT(GPTConfig(**SHAPE))
+    high = {"h.0": {"update_ratio": 10 * HIGH_RATIO}, "wte": {"update_ratio": 10 * HIGH_RATIO}}
+    for muon, warned in ((True, ["wte"]), (False, ["h.0", "wte"])):
+        health = HealthMonitor(model, tmp_path / "health.jsonl", 1, 1.0, muon=muon, log=lambda line: None)
+        warnings = [health.check(step, high, []) for step in range(WARN_AFTER)][-1]
+        assert [w.split(":")[0] for w in warnings] == warned, muon
+        assert health.check(WARN_AFTER, high, ["h.0"])[0].startswith("non-finite gradient norm")
